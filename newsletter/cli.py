@@ -1,0 +1,415 @@
+"""The `newsletter` command: thin Typer commands over the service layer.
+
+Every error the package raises on purpose ends as one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from . import __version__
+from .delivery.engine import Progress as SendProgress
+from .delivery.engine import RunReport
+from .errors import NewsletterError, NotFoundError
+from .service import Newsletter, SendPlan
+from .settings import Settings, load_settings
+from .store.imports import ImportReport, import_csv, normalize_email
+from .store.schema import MembershipStatus
+from .store.sql import NewMember
+
+# soft_wrap: an error stays one line however narrow the terminal, so scripts can grep it.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+app = typer.Typer(
+    help="Publish email digests: write an issue, render it once, send it to your lists.",
+    no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+lists_app = typer.Typer(help="Create and show subscriber lists.", no_args_is_help=True)
+subs_app = typer.Typer(help="Add, import, show and unsubscribe subscribers.",
+                       no_args_is_help=True)
+issue_app = typer.Typer(help="Work with issue files.", no_args_is_help=True)
+app.add_typer(lists_app, name="lists")
+app.add_typer(subs_app, name="subscribers")
+app.add_typer(issue_app, name="issue")
+
+
+class _State:
+    """Per-invocation state: settings are read on first use, so --help never needs them."""
+
+    def __init__(self) -> None:
+        self._app: Newsletter | None = None
+
+    @property
+    def app(self) -> Newsletter:
+        if self._app is None:
+            self._app = Newsletter(load_settings())
+        return self._app
+
+
+_state = _State()
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"newsletter {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logging.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowerLevelFormatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        handlers=[handler], force=True)
+    # aiosmtpd logs every session of the capture server at INFO; keep it for --verbose.
+    logging.getLogger("mail.log").setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+class _LowerLevelFormatter(logging.Formatter):
+    """'warning: ...' rather than 'WARNING: ...', like the rest of our messages."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace(record.levelname, record.levelname.lower(), 1)
+
+
+# --- lists ------------------------------------------------------------------------------------
+
+@lists_app.command("create")
+def lists_create(
+    slug: Annotated[str, typer.Argument(help="Short id, e.g. 'digest' (a-z, 0-9, - and _).")],
+    name: Annotated[str | None, typer.Option(help="Display name; defaults to the slug.")] = None,
+    description: Annotated[str, typer.Option(help="What the list is about.")] = "",
+) -> None:
+    """Create a subscriber list."""
+    mlist = _state.app.store.create_list(slug, name=name, description=description)
+    out.print(f"created list {mlist.slug} ({mlist.name})")
+
+
+@lists_app.command("ls")
+def lists_ls() -> None:
+    """Show every list with its subscriber counts."""
+    rows = _state.app.store.all_lists()
+    if not rows:
+        out.print("no lists yet; create one with: newsletter lists create SLUG")
+        return
+    table = Table("slug", "name", *[s.value for s in MembershipStatus], box=None)
+    for mlist, counts in rows:
+        table.add_row(mlist.slug, mlist.name, *[str(counts.get(s, 0)) for s in MembershipStatus])
+    out.print(table)
+
+
+# --- subscribers ------------------------------------------------------------------------------
+
+ListOpt = Annotated[str, typer.Option("--list", "-l", help="The list's slug.")]
+
+
+@subs_app.command("add")
+def subs_add(
+    email: Annotated[str, typer.Argument(help="The address to add.")],
+    list_slug: ListOpt,
+    name: Annotated[str, typer.Option(help="The subscriber's name.")] = "",
+) -> None:
+    """Add one subscriber to a list (active at once)."""
+    try:
+        address = normalize_email(email)
+    except ValueError as exc:
+        raise NewsletterError(f"invalid address {email!r}: {exc}") from None
+    store = _state.app.store
+    mlist = store.get_list(list_slug)
+    result = store.upsert_members(mlist.id, [NewMember(address, name)], source="cli")
+    if result.opted_out:
+        raise NewsletterError(f"{address} unsubscribed from or bounced on {list_slug} before; "
+                              "not reactivated")
+    verb = "added" if result.added else ("updated" if result.updated else "already on")
+    out.print(f"{verb} {address} {'to' if result.added else 'on'} {list_slug}"
+              if verb != "already on" else f"{address} is already on {list_slug}")
+
+
+@subs_app.command("import")
+def subs_import(
+    file: Annotated[Path, typer.Argument(help="CSV with a header row; 'email' is required.")],
+    list_slug: ListOpt,
+    encoding: Annotated[str | None, typer.Option(
+        help="Text encoding (default UTF-8, with or without BOM).")] = None,
+    report: Annotated[Path | None, typer.Option(
+        help="Write every rejected row (line, email, reason) to this CSV file.")] = None,
+) -> None:
+    """Import subscribers from CSV: other columns become attributes; bad rows are reported."""
+    store = _state.app.store
+    mlist = store.get_list(list_slug)
+    with _progress(transient=True) as bar:
+        task = bar.add_task("importing", total=None)
+        result = import_csv(store, mlist.id, file, encoding=encoding,
+                            on_progress=lambda n: bar.update(task, completed=n))
+    _print_import(result, report)
+
+
+def _print_import(result: ImportReport, report: Path | None) -> None:
+    for rej in result.rejected[:50]:
+        err.print(f"line {rej.line}: {rej.reason}" + (f" ({rej.email})" if rej.email else ""))
+    if len(result.rejected) > 50:
+        err.print(f"... and {len(result.rejected) - 50} more"
+                  + ("" if report else " (use --report FILE to see them all)"))
+    if report is not None:
+        with report.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["line", "email", "reason"])
+            for rej in result.rejected:
+                writer.writerow([rej.line, rej.email, rej.reason])
+    out.print(result.summary())
+
+
+@subs_app.command("ls")
+def subs_ls(
+    list_slug: ListOpt,
+    status: Annotated[MembershipStatus | None, typer.Option(help="Only this status.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json (JSON Lines).")]
+    = "table",
+) -> None:
+    """List a list's subscribers (streamed, so it works for large lists)."""
+    if fmt not in ("table", "csv", "json"):
+        raise NewsletterError(f"--format must be table, csv or json, not {fmt!r}")
+    store = _state.app.store
+    members = store.members(store.get_list(list_slug).id, status=status)
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["email", "name", "status", "created_at", "attributes"])
+        for m in members:
+            writer.writerow([m.email, m.name, m.status.value, m.created_at.isoformat(),
+                             json.dumps(m.attributes, ensure_ascii=False)])
+    elif fmt == "json":
+        for m in members:
+            sys.stdout.write(json.dumps({
+                "email": m.email, "name": m.name, "status": m.status.value,
+                "created_at": m.created_at.isoformat(), "attributes": m.attributes,
+            }, ensure_ascii=False) + "\n")
+    else:
+        table = Table("email", "name", "status", "since", box=None)
+        for m in members:
+            table.add_row(m.email, m.name, m.status.value, f"{m.created_at:%Y-%m-%d}")
+        out.print(table)
+
+
+@subs_app.command("unsubscribe")
+def subs_unsubscribe(
+    email: Annotated[str, typer.Argument(help="The address to unsubscribe.")],
+    list_slug: Annotated[str | None, typer.Option(
+        "--list", "-l", help="Only from this list (default: from every list).")] = None,
+) -> None:
+    """Unsubscribe an address; running sends skip it for every message not yet sent."""
+    store = _state.app.store
+    list_id = store.get_list(list_slug).id if list_slug else None
+    try:
+        n = store.set_status(email.strip(), MembershipStatus.UNSUBSCRIBED, source="cli",
+                             list_id=list_id)
+    except NotFoundError:
+        raise NewsletterError(f"no subscriber {email}") from None
+    where = list_slug or "every list"
+    out.print(f"unsubscribed {email} from {where}" if n else
+              f"{email} was not subscribed to {where}; nothing changed")
+
+
+# --- issues -----------------------------------------------------------------------------------
+
+@issue_app.command("build")
+def issue_build(
+    file: Annotated[Path, typer.Argument(help="Issue file: .md (front matter), .yaml or .json.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the files.")]
+    = Path("build"),
+) -> None:
+    """Render an issue to issue.html, issue.txt and a sample issue.eml."""
+    result = _state.app.build_files(file, out_dir)
+    out.print(f"wrote {result.html} ({result.html_bytes / 1024:.1f} KB), {result.text}, "
+              f"{result.eml}")
+
+
+# --- send -------------------------------------------------------------------------------------
+
+@app.command("send")
+def send(
+    file: Annotated[Path, typer.Argument(help="Issue file: .md (front matter), .yaml or .json.")],
+    list_slugs: Annotated[list[str], typer.Option(
+        "--list", "-l", help="Target list; repeat for several (each address gets it once).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+    = False,
+    again: Annotated[bool, typer.Option(
+        "--again", help="Send an issue that already went out to these lists once more.")]
+    = False,
+) -> None:
+    """Send an issue to one or more lists now. Run it again to resume an interrupted send."""
+    nl = _state.app
+    plan = nl.plan_send(file, list_slugs, again=again)
+    _announce_mode(nl)
+    for note in plan.notes:
+        out.print(f"note: {note}")
+    names = ", ".join(m.slug for m in plan.lists)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise NewsletterError("not a terminal: add --yes to send without confirmation")
+        if not typer.confirm(f"Send '{plan.campaign.subject}' to {plan.due} subscribers of "
+                             f"{names}?"):
+            raise typer.Exit(1)
+    report = _run_with_progress(nl, plan, f"sending to {names}")
+    _print_report(report)
+    if report.aborted:
+        raise typer.Exit(1)
+
+
+def _announce_mode(nl: Newsletter, *, force_capture: bool = False) -> None:
+    if force_capture or nl.capture_mode:
+        out.print(f"[bold]capture mode[/]: NEWSLETTER_SMTP_URL is not set, so mail goes to the "
+                  f"built-in capture server and is stored in {nl.settings.outbox_dir}/ - "
+                  "no mail leaves this machine")
+    elif relay := nl.settings.relay:
+        out.print(f"relay: {relay.describe()}")
+
+
+def _run_with_progress(nl: Newsletter, plan: SendPlan, label: str,
+                       force_capture: bool = False) -> RunReport:
+    with _progress() as bar:
+        task = bar.add_task(label, total=plan.due or None, rate="")
+
+        def update(p: SendProgress) -> None:
+            bar.update(task, completed=p.done, total=max(p.due, p.done) or None,
+                       rate=f"{p.rate:,.0f} msg/s")
+
+        return asyncio.run(nl.run(plan, on_progress=update, force_capture=force_capture))
+
+
+def _print_report(report: RunReport) -> None:
+    p = report.progress
+    if report.start.became_unknown:
+        out.print(f"note: {report.start.became_unknown} message(s) were in flight when an "
+                  "earlier run stopped; their outcome is unknown and they were not resent")
+    for email, error in report.errors[:10]:
+        err.print(f"failed: {email}: {error}")
+    line = f"sent {p.sent}, failed {p.failed_temp + p.failed_perm}"
+    if p.failed_temp or p.failed_perm:
+        line += f" (temporary {p.failed_temp}, permanent {p.failed_perm})"
+    if p.unknown:
+        line += f", unknown {p.unknown}"
+    if p.skipped:
+        line += f", skipped {p.skipped} (unsubscribed meanwhile)"
+    elapsed = time.monotonic() - p.started
+    out.print(f"{line} in {elapsed:.1f} s")
+    if p.failed_temp:
+        out.print("temporary failures are retried when you run the same command again")
+    if report.aborted:
+        err.print(f"error: stopped early: {report.aborted}. Everyone not yet attempted is "
+                  "still due: fix the cause and run the same command again.")
+
+
+def _progress(transient: bool = False) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=out, transient=transient,
+    ) if not transient else Progress(
+        TextColumn("{task.description}"), TextColumn("{task.completed:,} rows"),
+        TimeElapsedColumn(), console=out, transient=True,
+    )
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+def _find_sample(relative: str) -> Path:
+    """A sample file from the working directory, else from the source tree we run from."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (base / relative).is_file():
+            return base / relative
+    raise NewsletterError(f"cannot find {relative}; run the demo from the repository folder")
+
+
+@app.command("demo")
+def demo(
+    workspace: Annotated[Path, typer.Option(help="Where the demo keeps its files.")]
+    = Path("var/demo"),
+) -> None:
+    """Send the sample issue to a sample list through the capture server, in a fresh workspace."""
+    issue_file = _find_sample("examples/issues/sample.md")
+    csv_file = _find_sample("subscribers/sample.csv")
+    if workspace.exists():
+        shutil.rmtree(workspace)
+    settings = load_settings(var_dir=workspace, database_url="", smtp_url=None)
+    nl = Newsletter(settings)
+    out.print(f"[bold]newsletter demo[/] - a fresh workspace in {workspace}/")
+    mlist = nl.store.create_list("demo", name="Digital Economy Brief")
+    out.print(f"  list '{mlist.slug}' created")
+    result = import_csv(nl.store, mlist.id, csv_file)
+    out.print(f"  {csv_file.name}: {result.summary()}")
+    built = nl.build_files(issue_file, workspace / "build")
+    out.print(f"  rendered {issue_file.name}: {built.html} ({built.html_bytes / 1024:.1f} KB), "
+              f"{built.text.name}, {built.eml.name}")
+    plan = nl.plan_send(issue_file, ["demo"])
+    _announce_mode(nl, force_capture=True)
+    report = _run_with_progress(nl, plan, "sending", force_capture=True)
+    _print_report(report)
+    captured = sorted((settings.outbox_dir / "new").iterdir())
+    out.print()
+    out.print(f"HTML preview:   {built.html.resolve()}")
+    out.print(f"Plain text:     {built.text.resolve()}")
+    out.print(f"Outbox:         {(settings.outbox_dir / 'new').resolve()} "
+              f"({len(captured)} messages)")
+    if captured:
+        out.print(f"One message:    {captured[0].resolve()}")
+    if report.aborted:
+        raise typer.Exit(1)
+
+
+@app.command("settings")
+def show_settings() -> None:
+    """Show the settings in effect (secrets masked) and where they came from."""
+    s: Settings = _state.app.settings
+    shown: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = getattr(s, name)
+        if name in ("secret_key", "smtp_url", "old_secret_keys"):
+            value = "(set)" if value else "(not set)"
+        shown[name] = str(value) if isinstance(value, Path) else value
+    shown["database_url (in effect)"] = s.resolved_database_url
+    for k, v in shown.items():
+        out.print(f"{k} = {v!r}")
+
+
+def main() -> None:
+    """Console entry point: one clear line for every expected error."""
+    # Typer runs in standalone mode: usage errors, --help and typer.Exit end in SystemExit
+    # there; our own errors come out here.
+    try:
+        app()
+    except NewsletterError as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Issue content: the typed model and the parsers that produce it."""

@@ -1,0 +1,108 @@
+"""The typed model of an issue: Issue -> Section -> Article, whatever file it came from."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import unicodedata
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, field_validator
+
+from ..headers import check_header_text
+
+
+def _header_safe(value: str) -> str:
+    return check_header_text(value, "text")
+
+
+def _not_blank(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+# A title travels into the Subject and the TOC; it must be one clean line.
+HeaderText = Annotated[str, AfterValidator(_not_blank), AfterValidator(_header_safe)]
+Text = Annotated[str, AfterValidator(_not_blank)]
+
+
+class Article(BaseModel):
+    """One numbered item of a section: a title, a Markdown body, optionally a link and a source."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    title: HeaderText
+    body: str = ""
+    link: HttpUrl | None = None
+    source: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _strip_source(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+
+class Section(BaseModel):
+    """A titled group of articles; articles are numbered from 1 within their section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    title: HeaderText
+    articles: list[Article] = Field(min_length=1)
+
+    @property
+    def anchor(self) -> str:
+        return slugify(self.title) or "section"
+
+
+class Issue(BaseModel):
+    """One issue of a digest, validated; the unit that is rendered once and sent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    title: HeaderText
+    subject: HeaderText | None = None
+    date: dt.date
+    number: int | None = Field(default=None, ge=0)
+    preheader: str = ""
+    language: str = Field(default="en", pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+    source: str | None = None
+    slug: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    sections: list[Section] = Field(min_length=1)
+
+    @field_validator("preheader")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        return " ".join(value.split())
+
+    @property
+    def effective_subject(self) -> str:
+        return self.subject or self.title
+
+    @property
+    def key(self) -> str:
+        """Identity of the issue across edits: sending the same key twice is a resend.
+
+        An explicit slug wins; else the number, else the date and title. The content hash is
+        deliberately not part of it, so fixing a typo does not make a new issue.
+        """
+        if self.slug:
+            return self.slug
+        if self.number is not None:
+            return f"{slugify(self.title)}-no-{self.number}"
+        return f"{slugify(self.title)}-{self.date.isoformat()}"
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def slugify(text: str) -> str:
+    """ASCII slug for anchors and keys; CJK text falls back to a short hash."""
+    norm = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", norm.lower()).strip("-")
+    if not slug:
+        slug = "h" + hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:8]
+    return slug[:60].rstrip("-")

@@ -1,0 +1,1 @@
+"""Delivery: SMTP connections, the send engine, and the built-in capture server."""

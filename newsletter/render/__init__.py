@@ -1,0 +1,1 @@
+"""Rendering: issue to HTML and text once, then per-recipient message bytes."""

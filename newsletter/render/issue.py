@@ -1,0 +1,117 @@
+"""Render an Issue once: Jinja to HTML and text, premailer to inline the CSS.
+
+Per-recipient values are not known here; the templates receive slot markers instead, which
+survive escaping and inlining and are spliced per recipient by render.message.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+
+from ..content.model import Issue
+from ..errors import RenderError
+from .markdown import TextRenderer, to_html, wrap
+from .templates import render_template
+
+# Slot markers: plain ASCII letters so neither autoescape, premailer nor lxml alter them.
+SLOTS = ("unsubscribe_url", "recipient_email", "list_name")
+_SLOT_FMT = "NLSLOT{}NLSLOT"
+SLOT_RE = re.compile(r"NLSLOT([a-z_]+)NLSLOT")
+
+LABELS: dict[str, dict[str, str]] = {
+    "en": {
+        "contents": "In this issue", "number": "No.", "source": "Source",
+        "sent_to": "Sent to", "because": "you subscribed to", "unsubscribe": "Unsubscribe",
+    },
+    "zh": {
+        "contents": "本期目录", "number": "第", "source": "来源",
+        "sent_to": "收件人", "because": "您订阅了", "unsubscribe": "退订",
+    },
+}
+
+
+def slot(name: str) -> str:
+    if name not in SLOTS:
+        raise ValueError(f"unknown slot {name}")
+    return _SLOT_FMT.format(name)
+
+
+@dataclass(frozen=True)
+class RenderedIssue:
+    """The output of rendering: what is stored with a campaign and spliced per recipient."""
+
+    subject: str
+    html: str
+    text: str
+    language: str
+
+
+def render_issue(
+    issue: Issue, env: jinja2.Environment, *, brand_name: str, postal_address: str,
+    text_width: int = 72,
+) -> RenderedIssue:
+    """Jinja once for HTML and once for text, then premailer once; returns slotted output."""
+    labels = LABELS.get(issue.language.split("-")[0].lower(), LABELS["en"])
+    texts = TextRenderer(width=text_width)
+    sections: list[dict[str, Any]] = []
+    for s_index, section in enumerate(issue.sections, start=1):
+        articles = []
+        for number, article in enumerate(section.articles, start=1):
+            before = len(texts.links)
+            body_text = texts.render(article.body)
+            link = str(article.link) if article.link else None
+            footnotes = [(before + i + 1, url) for i, url in enumerate(texts.links[before:])]
+            heading = f"{number}. {article.title}"
+            if link:
+                heading += f" [{texts.footnote(link)}]"
+                if link not in [u for _, u in footnotes]:
+                    footnotes.append((texts.footnote(link), link))
+            articles.append({
+                "number": number, "title": article.title, "link": link,
+                "source": article.source, "html": to_html(article.body), "text": body_text,
+                "heading_text": wrap(heading, text_width, "", "   "), "footnotes": footnotes,
+            })
+        sections.append({
+            "title": section.title, "anchor": f"section-{s_index}", "articles": articles,
+            "title_text": wrap(section.title.upper() if section.title.isascii() else section.title,
+                               text_width),
+        })
+    context: dict[str, Any] = {
+        "issue": issue, "subject": issue.effective_subject, "sections": sections,
+        "labels": labels, "brand_name": brand_name, "postal_address": postal_address,
+        **{name: slot(name) for name in SLOTS},
+    }
+    html = render_template(env, "email/issue.html.j2", **context)
+    text = render_template(env, "email/issue.txt.j2", **context)
+    html = inline_css(html)
+    text = re.sub(r"\n{3,}", "\n\n", text.replace("\r", "")).strip() + "\n"
+    for part_name, part in (("HTML", html), ("text", text)):
+        if slot("unsubscribe_url") not in part:
+            raise RenderError(f"the {part_name} template must show the unsubscribe URL "
+                              "({{ unsubscribe_url }})")
+    return RenderedIssue(issue.effective_subject, html, text, issue.language)
+
+
+def inline_css(html: str) -> str:
+    """Inline <style> rules into style attributes with premailer; keep @media rules."""
+    import premailer  # imported here: it pulls in lxml and cssutils, slow to load
+
+    doctype = "<!DOCTYPE html>"
+    result = premailer.Premailer(
+        html,
+        keep_style_tags=False,
+        remove_classes=False,
+        strip_important=False,
+        disable_validation=True,
+        allow_network=False,
+        cssutils_logging_level=logging.CRITICAL,
+    ).transform(pretty_print=False)
+    # premailer drops a lowercase doctype and may drop ours; email clients need one.
+    if not result.lstrip().upper().startswith("<!DOCTYPE"):
+        result = doctype + "\n" + result
+    return str(result)

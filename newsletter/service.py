@@ -1,0 +1,203 @@
+"""Use cases shared by the CLI and, later, the web app: wiring settings to store, render and
+delivery. Nothing here parses arguments or prints."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from html import escape
+from pathlib import Path
+
+import jinja2
+
+from .content.model import Issue
+from .content.parse import load_issue
+from .delivery.capture import CaptureServer
+from .delivery.engine import Engine, Progress, RunReport, runner_is_dead
+from .delivery.relay import SmtpRelayClient
+from .errors import ConflictError
+from .headers import format_address
+from .render.issue import RenderedIssue, render_issue
+from .render.message import ListInfo, PreparedMessage, Recipient, undot
+from .render.templates import make_environment
+from .render.tokens import TokenSigner
+from .settings import Settings
+from .store.base import Campaign, MailingList
+from .store.db import make_engine, migrate
+from .store.schema import CampaignStatus, DeliveryStatus
+from .store.sql import SqlStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SendPlan:
+    """What `send` is about to do, for the confirmation prompt and the summary."""
+
+    campaign: Campaign
+    lists: list[MailingList]
+    new: bool
+    due: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BuildResult:
+    html: Path
+    text: Path
+    eml: Path
+    html_bytes: int
+
+
+class Newsletter:
+    """The application: one per process, built from Settings; parts are created on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def store(self) -> SqlStore:
+        engine = make_engine(self.settings.resolved_database_url)
+        migrate(engine)
+        return SqlStore(engine)
+
+    @cached_property
+    def signer(self) -> TokenSigner:
+        return TokenSigner(self.settings.signing_keys())
+
+    @cached_property
+    def templates(self) -> jinja2.Environment:
+        return make_environment(self.settings.templates_dir)
+
+    # --- rendering ---------------------------------------------------------------------------
+
+    def render(self, issue: Issue) -> RenderedIssue:
+        return render_issue(
+            issue, self.templates,
+            brand_name=self.settings.sender_name or issue.title,
+            postal_address=self.settings.postal_address,
+        )
+
+    def list_info(self, mlist: MailingList) -> ListInfo:
+        label = f"{mlist.slug}.{self.settings.list_domain}"
+        return ListInfo(name=mlist.name, list_id_header=format_address(mlist.name, label))
+
+    def prepare(self, rendered: RenderedIssue, lists: Sequence[MailingList], *,
+                campaign_id: int = 0, subject_prefix: str = "") -> PreparedMessage:
+        s = self.settings
+        return PreparedMessage(
+            rendered, from_address=s.sender_email, from_name=s.sender_name,
+            base_url=s.base_url, unsubscribe_token=self.signer.unsubscribe_token,
+            lists={m.id: self.list_info(m) for m in lists},
+            message_id_domain=s.sender_domain, campaign_id=campaign_id,
+            subject_prefix=subject_prefix,
+        )
+
+    def build_files(self, path: Path, out_dir: Path) -> BuildResult:
+        """issue.html, issue.txt and a sample issue.eml, as a reader would get them."""
+        issue = load_issue(path)
+        rendered = self.render(issue)
+        sample_list = MailingList(0, "sample", "Sample list", "", None)  # type: ignore[arg-type]
+        message = self.prepare(rendered, [sample_list])
+        reader = Recipient(subscriber_id=0, list_id=0, email="reader@example.org",
+                           name="Sample Reader")
+        values = {"unsubscribe_url": message.unsubscribe_url(reader),
+                  "recipient_email": reader.email, "list_name": sample_list.name}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = BuildResult(out_dir / "issue.html", out_dir / "issue.txt", out_dir / "issue.eml",
+                             0)
+        html = _fill(rendered.html, {k: escape(v) for k, v in values.items()})
+        result.html.write_text(html, encoding="utf-8")
+        result.text.write_text(_fill(rendered.text, values), encoding="utf-8")
+        result.eml.write_bytes(undot(message.build(reader)))
+        result.html_bytes = len(html.encode("utf-8"))
+        return result
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def plan_send(self, path: Path, slugs: Sequence[str], *, again: bool = False) -> SendPlan:
+        """Find the campaign this send continues, or create one; nothing is sent yet."""
+        issue = load_issue(path)
+        mlists = [self.store.get_list(slug) for slug in dict.fromkeys(slugs)]
+        list_ids = tuple(sorted(m.id for m in mlists))
+        notes: list[str] = []
+        previous = [c for c in self.store.find_campaigns(issue.key) if c.list_ids == list_ids
+                    and c.status != CampaignStatus.CANCELLED]
+        if previous and not again:
+            campaign = previous[0]
+            counts = self.store.delivery_counts(campaign.id)
+            if campaign.status == CampaignStatus.COMPLETED and counts.due == 0:
+                when = f"{campaign.finished_at:%Y-%m-%d %H:%M} UTC" if campaign.finished_at else ""
+                raise ConflictError(
+                    f"issue '{issue.key}' was already sent to {', '.join(slugs)} {when} "
+                    f"(campaign {campaign.id}: sent {counts[DeliveryStatus.SENT]}); "
+                    "use --again to send it to everyone once more")
+            if campaign.content_hash != issue.content_hash():
+                notes.append("the issue file changed since this campaign started; the rest of "
+                             "the list gets the version the others got")
+            if campaign.started_at is None:
+                due = self._active_count(mlists)
+            else:
+                due = counts.due + counts[DeliveryStatus.SENDING]
+                notes.append(f"resuming campaign {campaign.id}: {counts[DeliveryStatus.SENT]} "
+                             f"already sent, {counts.due} due")
+            if counts[DeliveryStatus.UNKNOWN]:
+                notes.append(f"{counts[DeliveryStatus.UNKNOWN]} with unknown outcome from an "
+                             "interrupted run are not resent")
+            return SendPlan(campaign, mlists, new=False, due=due, notes=notes)
+        rendered = self.render(issue)
+        campaign = self.store.create_campaign(
+            issue_key=issue.key, content_hash=issue.content_hash(), subject=rendered.subject,
+            issue_json=issue.model_dump_json(), html=rendered.html, text=rendered.text,
+            list_ids=list_ids,
+        )
+        return SendPlan(campaign, mlists, new=True, due=self._active_count(mlists), notes=notes)
+
+    def _active_count(self, mlists: Sequence[MailingList]) -> int:
+        from sqlalchemy import func, select
+
+        from .store.schema import memberships
+
+        with self.store.engine.connect() as conn:
+            return int(conn.execute(
+                select(func.count(func.distinct(memberships.c.subscriber_id))).where(
+                    memberships.c.list_id.in_([m.id for m in mlists]),
+                    memberships.c.status == "active",
+                )).scalar_one())
+
+    async def run(self, plan: SendPlan, *, on_progress: Callable[[Progress], None] | None = None,
+                  force_capture: bool = False) -> RunReport:
+        """Send the planned campaign: through SMTP_URL, or the capture server if unset."""
+        c = plan.campaign
+        rendered = RenderedIssue(c.subject, c.html, c.text, "")
+        message = self.prepare(rendered, plan.lists, campaign_id=c.id)
+        relay_settings = None if force_capture else self.settings.relay
+        capture = None
+        if relay_settings is None:
+            capture = CaptureServer(self.settings.outbox_dir)
+            await capture.start()
+            relay_settings = capture.relay
+        try:
+            engine = Engine(
+                self.store, SmtpRelayClient(relay_settings, timeout=self.settings.smtp_timeout),
+                concurrency=self.settings.send_concurrency, rate=self.settings.send_rate,
+                batch_size=self.settings.batch_size, on_progress=on_progress,
+            )
+            current = self.store.get_campaign(c.id)
+            return await engine.run(c.id, message, sender=self.settings.sender_email,
+                                    takeover=runner_is_dead(current.runner))
+        finally:
+            if capture is not None:
+                await capture.stop()
+
+    @property
+    def capture_mode(self) -> bool:
+        return self.settings.relay is None
+
+
+def _fill(text: str, values: dict[str, str]) -> str:
+    from .render.issue import SLOT_RE
+
+    return SLOT_RE.sub(lambda m: values[m.group(1)], text)

@@ -1,0 +1,250 @@
+"""Settings: every key, its default and its validation, read from env, .env and a TOML file.
+
+Sources, strongest first: keyword arguments (tests), environment variables prefixed
+NEWSLETTER_, a `.env` file in the working directory, then the TOML file (NEWSLETTER_CONFIG,
+else config/newsletter.toml if it exists). config/newsletter.example.toml documents each key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import ConfigError
+from .headers import check_header_text
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "NEWSLETTER_"
+DEFAULT_CONFIG_FILE = Path("config/newsletter.toml")
+
+
+class SmtpRelay(BaseModel):
+    """Where to hand mail over, parsed from SMTP_URL."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: SecretStr | None = None
+    use_tls: bool = False  # implicit TLS (smtps://, port 465)
+    start_tls: bool | None = None  # True: require STARTTLS; None: use it if offered
+    validate_certs: bool = True
+
+    @classmethod
+    def from_url(cls, url: str) -> SmtpRelay:
+        parts = urlsplit(url)
+        if parts.scheme not in ("smtp", "smtps"):
+            raise ValueError(f"scheme must be smtp:// or smtps://, not {parts.scheme or 'none'}://")
+        if not parts.hostname:
+            raise ValueError("no host in the URL")
+        query = {k: v[-1].lower() for k, v in parse_qs(parts.query).items()}
+        known = {"starttls", "verify"}
+        if unknown := set(query) - known:
+            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; known: starttls, verify")
+        truthy = {"1", "true", "yes", "on"}
+        use_tls = parts.scheme == "smtps"
+        start_tls: bool | None = None
+        if "starttls" in query:
+            start_tls = query["starttls"] in truthy
+        return cls(
+            host=parts.hostname,
+            port=parts.port or (465 if use_tls else 587),
+            username=unquote(parts.username) if parts.username else None,
+            password=SecretStr(unquote(parts.password)) if parts.password else None,
+            use_tls=use_tls,
+            start_tls=False if use_tls else start_tls,
+            validate_certs=query.get("verify", "true") in truthy,
+        )
+
+    def describe(self) -> str:
+        """Where mail goes, for messages: never includes the password."""
+        user = f"{self.username}@" if self.username else ""
+        tls = "TLS" if self.use_tls else ("STARTTLS" if self.start_tls else "STARTTLS if offered")
+        return f"smtp://{user}{self.host}:{self.port} ({tls})"
+
+
+class Settings(BaseSettings):
+    """All settings. Build with `load_settings()`, which turns errors into one line."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        populate_by_name=True,
+        case_sensitive=False,
+    )
+
+    database_url: str = Field(
+        default="", description="SQLAlchemy URL; empty means sqlite under var_dir"
+    )
+    smtp_url: SecretStr | None = Field(
+        default=None, description="smtp://user:pass@host:587?starttls=true; unset = capture"
+    )
+    from_address: str = Field(
+        default="Digest <digest@example.org>",
+        validation_alias=AliasChoices("from", "from_address", "NEWSLETTER_FROM"),
+    )
+    base_url: str = "http://localhost:8000"
+    secret_key: SecretStr | None = None
+    old_secret_keys: list[SecretStr] = Field(default_factory=list)
+    send_concurrency: int = Field(default=8, ge=1, le=256)
+    send_rate: float = Field(default=0.0, ge=0)
+    smtp_timeout: float = Field(default=60.0, gt=0)
+    postal_address: str = ""
+    templates_dir: Path | None = None
+    var_dir: Path = Path("var")
+    list_id_domain: str = ""
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config = os.environ.get(ENV_PREFIX + "CONFIG")
+        path = Path(config) if config else DEFAULT_CONFIG_FILE
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        if config and not path.is_file():
+            raise ConfigError(ENV_PREFIX + "CONFIG", f"no such file: {path}")
+        if path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @field_validator("from_address")
+    @classmethod
+    def _check_from(cls, value: str) -> str:
+        check_header_text(value, "from")
+        name, addr = parseaddr(value)
+        if "@" not in addr or addr.startswith("@") or addr.endswith("@"):
+            raise ValueError(f"no valid address in {value!r}; expected 'Name <user@domain>'")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"must be an absolute http(s) URL, got {value!r}")
+        check_header_text(value, "base_url")
+        return value.rstrip("/")
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _check_smtp_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().strip():
+            SmtpRelay.from_url(value.get_secret_value())
+            return value
+        return None
+
+    @field_validator("postal_address")
+    @classmethod
+    def _check_postal(cls, value: str) -> str:
+        check_header_text(value.replace("\n", " "), "postal_address")
+        return value
+
+    # Derived values: computed, never stored, so they cannot disagree with their source.
+
+    @property
+    def relay(self) -> SmtpRelay | None:
+        """The configured relay, or None for the built-in capture server."""
+        if self.smtp_url is None:
+            return None
+        return SmtpRelay.from_url(self.smtp_url.get_secret_value())
+
+    @property
+    def sender_name(self) -> str:
+        return parseaddr(self.from_address)[0]
+
+    @property
+    def sender_email(self) -> str:
+        return parseaddr(self.from_address)[1]
+
+    @property
+    def sender_domain(self) -> str:
+        return self.sender_email.rpartition("@")[2].lower()
+
+    @property
+    def list_domain(self) -> str:
+        return self.list_id_domain or self.sender_domain
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.var_dir / 'newsletter.db').resolve()}"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.var_dir / "outbox"
+
+    def signing_keys(self) -> list[bytes]:
+        """The current key first, then old ones still accepted; generates one if unset."""
+        if self.secret_key is not None:
+            current = self.secret_key.get_secret_value().encode()
+        else:
+            current = _stored_secret(self.var_dir)
+        return [current] + [k.get_secret_value().encode() for k in self.old_secret_keys]
+
+
+def _stored_secret(var_dir: Path) -> bytes:
+    """Read the generated key under var/, creating it once with a warning."""
+    path = var_dir / "secret_key"
+    if path.is_file():
+        return path.read_bytes().strip()
+    var_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32).encode()
+    # O_EXCL: two processes starting at once must not each write a different key.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key + b"\n")
+    log.warning(
+        "NEWSLETTER_SECRET_KEY is not set: generated one and stored it in %s. "
+        "Keep that file (unsubscribe links depend on it) or set the key explicitly.",
+        path,
+    )
+    return key
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning the first validation error into a ConfigError naming the key."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        key = loc[0] if loc else "?"
+        if key.upper().startswith(ENV_PREFIX):
+            key = key[len(ENV_PREFIX):]
+        field = Settings.model_fields.get(key.lower())
+        if key.lower() in ("from", "from_address"):
+            key = "from"
+        name = ENV_PREFIX + key.upper()
+        msg = err["msg"].removeprefix("Value error, ")
+        detail = f"{msg} (got {err['input']!r})" if field is not None and _show_input(key) else msg
+        if len(loc) > 1:
+            name += "[" + "][".join(loc[1:]) + "]"
+        raise ConfigError(name, detail) from None
+
+
+def _show_input(key: str) -> bool:
+    # Never echo secrets back in an error message.
+    return key.lower() not in ("smtp_url", "secret_key", "old_secret_keys", "database_url")

@@ -1,0 +1,1 @@
+"""The store: tables, migrations, and the interface the delivery code depends on."""

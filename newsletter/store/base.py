@@ -1,0 +1,131 @@
+"""What the store holds, as plain records, and the interface the delivery engine depends on.
+
+The engine sees only `DeliveryStore`; store.sql implements it on SQLAlchemy (SQLite now,
+PostgreSQL later) and store.memory ships an in-memory fake beside it for tests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..render.message import Recipient
+from .schema import CampaignStatus, DeliveryStatus, MembershipStatus
+
+
+@dataclass(frozen=True)
+class MailingList:
+    id: int
+    slug: str
+    name: str
+    description: str
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Member:
+    """A subscriber as seen through one list."""
+
+    id: int
+    email: str
+    name: str
+    attributes: dict[str, Any]
+    status: MembershipStatus
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Campaign:
+    id: int
+    issue_key: str
+    content_hash: str
+    subject: str
+    issue_json: str
+    html: str
+    text: str
+    status: CampaignStatus
+    list_ids: tuple[int, ...]
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    last_error: str | None
+    runner: str | None = None
+
+
+@dataclass
+class DeliveryCounts:
+    """How a campaign's ledger stands, by status."""
+
+    by_status: dict[DeliveryStatus, int] = field(default_factory=dict)
+
+    def __getitem__(self, status: DeliveryStatus) -> int:
+        return self.by_status.get(status, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_status.values())
+
+    @property
+    def due(self) -> int:
+        """Rows a run would send to: not yet attempted, or failed temporarily."""
+        return self[DeliveryStatus.QUEUED] + self[DeliveryStatus.FAILED_TEMP]
+
+    @property
+    def failed(self) -> int:
+        return self[DeliveryStatus.FAILED_TEMP] + self[DeliveryStatus.FAILED_PERM]
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """One ledger row that is due, with what is needed to build its message."""
+
+    delivery_id: int
+    recipient: Recipient
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A change to one ledger row: a new status, and the error if it failed."""
+
+    delivery_id: int
+    status: DeliveryStatus
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What claiming a campaign for a run found and did."""
+
+    enqueued: int        # rows added to the ledger now (first run only)
+    became_unknown: int  # rows a dead run left in 'sending'
+    retrying: int        # rows that failed temporarily before and are due again
+
+
+class DeliveryStore(Protocol):
+    """The ledger operations the delivery engine needs; nothing else."""
+
+    def claim_campaign(self, campaign_id: int, *, runner: str, lease: float) -> RunStart:
+        """Take the campaign for this run, or raise ConflictError if a live run holds it."""
+        ...
+
+    def due_batch(self, campaign_id: int, *, after_id: int, limit: int) -> list[Due]:
+        """Queued rows after after_id in id order; rows no longer active become 'skipped'."""
+        ...
+
+    def begin(self, marks: Sequence[Mark]) -> set[int]:
+        """Record outcomes and move queued rows to 'sending', in one transaction.
+
+        Returns the ids of the rows it moved to 'sending'; a row missing from it was changed
+        meanwhile (the subscriber left) and must not be sent.
+        """
+        ...
+
+    def heartbeat(self, campaign_id: int, *, runner: str) -> None: ...
+
+    def finish_run(self, campaign_id: int, *, runner: str, error: str | None = None) -> None:
+        """Release the campaign; it is completed when nothing is queued or in flight."""
+        ...
+
+    def delivery_counts(self, campaign_id: int) -> DeliveryCounts: ...

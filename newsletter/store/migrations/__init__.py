@@ -1,0 +1,1 @@
+"""Alembic migrations for the store; applied automatically on first use (store.db.migrate)."""

@@ -1,0 +1,17 @@
+"""Alembic environment: runs on the connection handed in by store.db.migrate."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from newsletter.store.schema import metadata
+
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    target_metadata=metadata,
+    # SQLite cannot ALTER most things in place; batch mode rebuilds tables when needed.
+    render_as_batch=connection.dialect.name == "sqlite",
+)
+with context.begin_transaction():
+    context.run_migrations()

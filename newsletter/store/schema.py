@@ -1,0 +1,150 @@
+"""Tables and status enums. Alembic migrations in store/migrations create them; a test checks
+that the migrations and these definitions agree."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class MembershipStatus(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+
+
+class CampaignStatus(StrEnum):
+    DRAFT = "draft"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+class DeliveryStatus(StrEnum):
+    QUEUED = "queued"          # due, not yet attempted in this run
+    SENDING = "sending"        # handed to a connection; outcome not yet recorded
+    SENT = "sent"              # the relay accepted it (250 after DATA)
+    FAILED_TEMP = "failed_temp"  # 4xx, dropped connection, timeout: due again on the next run
+    FAILED_PERM = "failed_perm"  # 5xx: not retried
+    UNKNOWN = "unknown"        # was SENDING when a run died: may have been delivered
+    SKIPPED = "skipped"        # no longer active on the list when its turn came
+
+
+TZ = DateTime(timezone=True)
+
+lists = Table(
+    "lists", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("slug", String(64), nullable=False, unique=True),
+    Column("name", String(200), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("created_at", TZ, nullable=False),
+)
+
+subscribers = Table(
+    "subscribers", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("email", String(320), nullable=False),
+    # Lowercased address: uniqueness is case-insensitive without relying on a dialect's collation.
+    Column("email_key", String(320), nullable=False, unique=True),
+    Column("name", String(200), nullable=False, default=""),
+    Column("attributes", JSON, nullable=False, default=dict),
+    Column("created_at", TZ, nullable=False),
+)
+
+memberships = Table(
+    "memberships", metadata,
+    Column("list_id", Integer, ForeignKey("lists.id", ondelete="CASCADE"), primary_key=True),
+    Column("subscriber_id", Integer, ForeignKey("subscribers.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("created_at", TZ, nullable=False),
+    Column("updated_at", TZ, nullable=False),
+    # Recipient selection walks a list's active members in id order.
+    Index(None, "list_id", "status", "subscriber_id"),
+    Index(None, "subscriber_id"),
+)
+
+# Every change of a membership's status, with when and why: the subscriber's history.
+membership_events = Table(
+    "membership_events", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("list_id", Integer, ForeignKey("lists.id", ondelete="CASCADE"), nullable=False),
+    Column("subscriber_id", Integer, ForeignKey("subscribers.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("old_status", String(16), nullable=True),
+    Column("new_status", String(16), nullable=False),
+    Column("source", String(16), nullable=False),  # cli, import, one-click, page, admin, bounce
+    Column("at", TZ, nullable=False),
+    Index(None, "subscriber_id", "list_id"),
+)
+
+campaigns = Table(
+    "campaigns", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("issue_key", String(200), nullable=False),
+    Column("content_hash", String(32), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("issue_json", Text, nullable=False),   # the validated issue, as it was sent
+    Column("html", Text, nullable=False),         # rendered and inlined once, with slots
+    Column("text", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at", TZ, nullable=False),
+    Column("started_at", TZ, nullable=True),
+    Column("finished_at", TZ, nullable=True),
+    # The process sending it and when it last proved alive: a stale heartbeat means it died.
+    Column("runner", String(200), nullable=True),
+    Column("heartbeat_at", TZ, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Index(None, "issue_key"),
+)
+
+campaign_lists = Table(
+    "campaign_lists", metadata,
+    Column("campaign_id", Integer, ForeignKey("campaigns.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("list_id", Integer, ForeignKey("lists.id", ondelete="CASCADE"), primary_key=True),
+)
+
+# The delivery ledger: one row per (campaign, subscriber), the unit of exactly-once.
+deliveries = Table(
+    "deliveries", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("campaign_id", Integer, ForeignKey("campaigns.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("subscriber_id", Integer, ForeignKey("subscribers.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("list_id", Integer, ForeignKey("lists.id", ondelete="CASCADE"), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+    Column("updated_at", TZ, nullable=False),
+    UniqueConstraint("campaign_id", "subscriber_id"),
+    # Batches walk a campaign's due rows in id order; counts group by status.
+    Index(None, "campaign_id", "status", "id"),
+)

@@ -1,0 +1,454 @@
+"""The store on SQLAlchemy Core: lists, subscribers, campaigns and the delivery ledger.
+
+Queries are portable SQL (SQLite and PostgreSQL); each hot one says why it is shaped so.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from ..errors import ConflictError, NotFoundError
+from ..render.message import Recipient
+from .base import Campaign, DeliveryCounts, Due, Mark, MailingList, Member, RunStart
+from .schema import (
+    TZ,
+    CampaignStatus,
+    DeliveryStatus,
+    MembershipStatus,
+    campaign_lists,
+    campaigns,
+    deliveries,
+    lists,
+    membership_events,
+    memberships,
+    subscribers,
+)
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_OPTED_OUT = (MembershipStatus.UNSUBSCRIBED, MembershipStatus.BOUNCED)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class NewMember:
+    """One subscriber to put on a list (from the CLI or an import row)."""
+
+    email: str       # normalised address
+    name: str = ""
+    attributes: dict[str, Any] | None = None
+
+
+@dataclass
+class UpsertResult:
+    added: int = 0        # new on the list
+    updated: int = 0      # already there; name or attributes changed
+    unchanged: int = 0    # already there, nothing to change
+    opted_out: list[str] | None = None  # emails kept unsubscribed/bounced, not reactivated
+
+
+# Hot statements as text: prepared once, executed many times per second during a send.
+_MARK_OUTCOME = text(
+    "UPDATE deliveries SET status = :status, last_error = :error, updated_at = :now "
+    "WHERE id = :id"
+).bindparams(bindparam("now", type_=TZ))
+# Only a row still queued may start sending: an unsubscribe that marked it 'skipped'
+# meanwhile wins, and the engine learns it from the row count.
+_MARK_SENDING = text(
+    "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, updated_at = :now "
+    "WHERE id = :id AND status = 'queued'"
+).bindparams(bindparam("now", type_=TZ))
+
+
+class SqlStore:
+    """The store. Pass it an Engine; every method is one short transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # --- lists -------------------------------------------------------------------------------
+
+    def create_list(self, slug: str, *, name: str | None = None, description: str = "") \
+            -> MailingList:
+        if not SLUG_RE.match(slug):
+            raise ConflictError(f"invalid list slug {slug!r}: use lowercase letters, digits, "
+                                "'-' and '_', starting with a letter or digit")
+        from ..headers import check_header_text
+
+        name = check_header_text(name or slug, "list name")
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(lists).values(
+                    slug=slug, name=name, description=description, created_at=utcnow()))
+        except IntegrityError:
+            raise ConflictError(f"list {slug!r} already exists") from None
+        return self.get_list(slug)
+
+    def get_list(self, slug: str) -> MailingList:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(lists).where(lists.c.slug == slug)).first()
+        if row is None:
+            raise NotFoundError(f"no list {slug!r}; create it with: newsletter lists create {slug}")
+        return _list(row)
+
+    def lists_by_id(self, ids: Iterable[int]) -> dict[int, MailingList]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(lists).where(lists.c.id.in_(list(ids)))).all()
+        return {r.id: _list(r) for r in rows}
+
+    def all_lists(self) -> list[tuple[MailingList, dict[str, int]]]:
+        """Every list with its member counts by status."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(lists).order_by(lists.c.slug)).all()
+            counts = conn.execute(
+                select(memberships.c.list_id, memberships.c.status, func.count())
+                .group_by(memberships.c.list_id, memberships.c.status)
+            ).all()
+        by_list: dict[int, dict[str, int]] = {}
+        for list_id, status, n in counts:
+            by_list.setdefault(list_id, {})[status] = n
+        return [(_list(r), by_list.get(r.id, {})) for r in rows]
+
+    # --- subscribers -------------------------------------------------------------------------
+
+    def upsert_members(
+        self, list_id: int, members: Sequence[NewMember], *, source: str,
+        status: MembershipStatus = MembershipStatus.ACTIVE,
+    ) -> UpsertResult:
+        """Add members to a list in one transaction; never reactivates an opted-out address.
+
+        Existing subscribers keep their id; a non-empty name or new attributes update them.
+        `members` must not repeat an address (the importer deduplicates).
+        """
+        result = UpsertResult(opted_out=[])
+        if not members:
+            return result
+        now = utcnow()
+        keys = [m.email.lower() for m in members]
+        with self.engine.begin() as conn:
+            existing = {
+                r.email_key: r for r in conn.execute(
+                    select(subscribers.c.id, subscribers.c.email_key, subscribers.c.name,
+                           subscribers.c.attributes)
+                    .where(subscribers.c.email_key.in_(keys))
+                )
+            }
+            fresh = [m for m, k in zip(members, keys, strict=True) if k not in existing]
+            if fresh:
+                conn.execute(insert(subscribers), [
+                    {"email": m.email, "email_key": m.email.lower(), "name": m.name,
+                     "attributes": m.attributes or {}, "created_at": now} for m in fresh
+                ])
+            ids = {
+                r.email_key: r.id for r in conn.execute(
+                    select(subscribers.c.id, subscribers.c.email_key)
+                    .where(subscribers.c.email_key.in_(keys))
+                )
+            }
+            changed_details: set[int] = set()
+            for m, k in zip(members, keys, strict=True):
+                old = existing.get(k)
+                if old is None:
+                    continue
+                attrs = {**(old.attributes or {}), **(m.attributes or {})}
+                name = m.name or old.name
+                if name != old.name or attrs != (old.attributes or {}):
+                    conn.execute(update(subscribers).where(subscribers.c.id == old.id)
+                                 .values(name=name, attributes=attrs))
+                    changed_details.add(old.id)
+            current = {
+                r.subscriber_id: r.status for r in conn.execute(
+                    select(memberships.c.subscriber_id, memberships.c.status).where(
+                        memberships.c.list_id == list_id,
+                        memberships.c.subscriber_id.in_(list(ids.values())),
+                    )
+                )
+            }
+            new_rows, events = [], []
+            for m, k in zip(members, keys, strict=True):
+                sid = ids[k]
+                was = current.get(sid)
+                if was is None:
+                    new_rows.append({"list_id": list_id, "subscriber_id": sid, "status": status,
+                                     "created_at": now, "updated_at": now})
+                    events.append({"list_id": list_id, "subscriber_id": sid, "old_status": None,
+                                   "new_status": status, "source": source, "at": now})
+                    result.added += 1
+                elif was in _OPTED_OUT:
+                    result.opted_out.append(m.email)  # type: ignore[union-attr]
+                elif sid in changed_details:
+                    result.updated += 1
+                else:
+                    result.unchanged += 1
+            if new_rows:
+                conn.execute(insert(memberships), new_rows)
+                conn.execute(insert(membership_events), events)
+        return result
+
+    def members(self, list_id: int, *, status: MembershipStatus | None = None,
+                batch: int = 1000) -> Iterator[Member]:
+        """Stream a list's members in id order, a batch at a time (memory stays flat)."""
+        after = 0
+        while True:
+            query = (
+                select(subscribers.c.id, subscribers.c.email, subscribers.c.name,
+                       subscribers.c.attributes, memberships.c.status, memberships.c.created_at)
+                .join(memberships, memberships.c.subscriber_id == subscribers.c.id)
+                .where(memberships.c.list_id == list_id, subscribers.c.id > after)
+                .order_by(subscribers.c.id).limit(batch)
+            )
+            if status is not None:
+                query = query.where(memberships.c.status == status)
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            for r in rows:
+                yield Member(r.id, r.email, r.name, r.attributes or {},
+                             MembershipStatus(r.status), r.created_at)
+            if len(rows) < batch:
+                return
+            after = rows[-1].id
+
+    def set_status(self, email: str, status: MembershipStatus, *, source: str,
+                   list_id: int | None = None) -> int:
+        """Change an address's status on one list or all; returns memberships changed.
+
+        Moving away from 'active' also skips the address's rows still queued in any campaign,
+        so a running send honours it for every message not yet sent.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            sid = conn.execute(select(subscribers.c.id)
+                               .where(subscribers.c.email_key == email.lower())).scalar()
+            if sid is None:
+                raise NotFoundError(f"no subscriber {email}")
+            cond = [memberships.c.subscriber_id == sid, memberships.c.status != status]
+            if list_id is not None:
+                cond.append(memberships.c.list_id == list_id)
+            rows = conn.execute(select(memberships.c.list_id, memberships.c.status)
+                                .where(*cond)).all()
+            for r in rows:
+                conn.execute(update(memberships).where(
+                    memberships.c.subscriber_id == sid, memberships.c.list_id == r.list_id,
+                ).values(status=status, updated_at=now))
+                conn.execute(insert(membership_events).values(
+                    list_id=r.list_id, subscriber_id=sid, old_status=r.status, new_status=status,
+                    source=source, at=now))
+                if status != MembershipStatus.ACTIVE:
+                    conn.execute(update(deliveries).where(
+                        deliveries.c.subscriber_id == sid, deliveries.c.list_id == r.list_id,
+                        deliveries.c.status.in_([DeliveryStatus.QUEUED,
+                                                 DeliveryStatus.FAILED_TEMP]),
+                    ).values(status=DeliveryStatus.SKIPPED, updated_at=now))
+        return len(rows)
+
+    # --- campaigns ---------------------------------------------------------------------------
+
+    def create_campaign(self, *, issue_key: str, content_hash: str, subject: str,
+                        issue_json: str, html: str, text: str, list_ids: Sequence[int]) -> Campaign:
+        with self.engine.begin() as conn:
+            cid = conn.execute(insert(campaigns).values(
+                issue_key=issue_key, content_hash=content_hash, subject=subject,
+                issue_json=issue_json, html=html, text=text, status=CampaignStatus.DRAFT,
+                created_at=utcnow(),
+            )).inserted_primary_key[0]
+            conn.execute(insert(campaign_lists),
+                         [{"campaign_id": cid, "list_id": lid} for lid in list_ids])
+        return self.get_campaign(cid)
+
+    def get_campaign(self, campaign_id: int) -> Campaign:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(campaigns).where(campaigns.c.id == campaign_id)).first()
+            if row is None:
+                raise NotFoundError(f"no campaign {campaign_id}")
+            return _campaign(row, _campaign_list_ids(conn, campaign_id))
+
+    def find_campaigns(self, issue_key: str) -> list[Campaign]:
+        """Campaigns of the same issue, newest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(campaigns).where(campaigns.c.issue_key == issue_key)
+                                .order_by(campaigns.c.id.desc())).all()
+            return [_campaign(r, _campaign_list_ids(conn, r.id)) for r in rows]
+
+    # --- the ledger (DeliveryStore) ----------------------------------------------------------
+
+    def claim_campaign(self, campaign_id: int, *, runner: str, lease: float) -> RunStart:
+        now = utcnow()
+        stale = now - dt.timedelta(seconds=lease)
+        with self.engine.begin() as conn:
+            row = conn.execute(select(campaigns).where(campaigns.c.id == campaign_id)).first()
+            if row is None:
+                raise NotFoundError(f"no campaign {campaign_id}")
+            if row.status == CampaignStatus.CANCELLED:
+                raise ConflictError(f"campaign {campaign_id} was cancelled")
+            # Conditional update: of two processes starting at once, exactly one wins.
+            claimed = conn.execute(update(campaigns).where(
+                campaigns.c.id == campaign_id,
+                (campaigns.c.runner.is_(None)) | (campaigns.c.heartbeat_at < stale),
+            ).values(status=CampaignStatus.RUNNING, runner=runner, heartbeat_at=now,
+                     started_at=func.coalesce(campaigns.c.started_at, now), finished_at=None,
+                     last_error=None)).rowcount
+            if not claimed:
+                raise ConflictError(
+                    f"campaign {campaign_id} is being sent by {row.runner} (alive at "
+                    f"{row.heartbeat_at:%H:%M:%S} UTC); wait for it or stop that process")
+            enqueued = 0
+            if row.started_at is None:
+                # First run: fix the audience now. Someone on two target lists gets one
+                # message, through the list with the lowest id.
+                list_ids = _campaign_list_ids(conn, campaign_id)
+                enqueued = conn.execute(insert(deliveries).from_select(
+                    ["campaign_id", "subscriber_id", "list_id", "status", "attempts",
+                     "updated_at"],
+                    select(
+                        literal(campaign_id), memberships.c.subscriber_id,
+                        func.min(memberships.c.list_id), literal(DeliveryStatus.QUEUED.value),
+                        literal(0), literal(now, TZ),
+                    ).where(
+                        memberships.c.list_id.in_(list_ids),
+                        memberships.c.status == MembershipStatus.ACTIVE,
+                    ).group_by(memberships.c.subscriber_id),
+                )).rowcount
+            # A run that died left rows in 'sending': the relay may have taken them.
+            unknown = conn.execute(update(deliveries).where(
+                deliveries.c.campaign_id == campaign_id,
+                deliveries.c.status == DeliveryStatus.SENDING,
+            ).values(status=DeliveryStatus.UNKNOWN, updated_at=now,
+                     last_error="outcome unknown: the sending process stopped")).rowcount
+            retrying = conn.execute(update(deliveries).where(
+                deliveries.c.campaign_id == campaign_id,
+                deliveries.c.status == DeliveryStatus.FAILED_TEMP,
+            ).values(status=DeliveryStatus.QUEUED, updated_at=now)).rowcount
+        return RunStart(enqueued=enqueued, became_unknown=unknown, retrying=retrying)
+
+    def due_batch(self, campaign_id: int, *, after_id: int, limit: int) -> list[Due]:
+        # Keyset pagination on the ledger's (campaign_id, status, id) index: constant cost per
+        # batch however far into the list we are. The membership is joined so that someone who
+        # left since the run started is skipped here rather than sent to.
+        query = (
+            select(deliveries.c.id, deliveries.c.subscriber_id, deliveries.c.list_id,
+                   subscribers.c.email, subscribers.c.name, memberships.c.status)
+            .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
+            .outerjoin(memberships, and_(memberships.c.list_id == deliveries.c.list_id,
+                                         memberships.c.subscriber_id == deliveries.c.subscriber_id))
+            .where(deliveries.c.campaign_id == campaign_id,
+                   deliveries.c.status == DeliveryStatus.QUEUED,
+                   deliveries.c.id > after_id)
+            .order_by(deliveries.c.id).limit(limit)
+        )
+        due: list[Due] = []
+        gone: list[int] = []
+        with self.engine.begin() as conn:
+            for r in conn.execute(query):
+                if r.status != MembershipStatus.ACTIVE:
+                    gone.append(r.id)
+                else:
+                    due.append(Due(r.id, Recipient(r.subscriber_id, r.list_id, r.email, r.name)))
+            if gone:
+                conn.execute(update(deliveries).where(deliveries.c.id.in_(gone))
+                             .values(status=DeliveryStatus.SKIPPED, updated_at=utcnow()))
+        return due
+
+    def begin(self, marks: Sequence[Mark]) -> set[int]:
+        now = utcnow()
+        outcomes = [{"id": m.delivery_id, "status": str(m.status), "error": m.error, "now": now}
+                    for m in marks if m.status != DeliveryStatus.SENDING]
+        starting = [{"id": m.delivery_id, "now": now}
+                    for m in marks if m.status == DeliveryStatus.SENDING]
+        with self.engine.begin() as conn:
+            if outcomes:
+                conn.execute(_MARK_OUTCOME, outcomes)
+            if not starting:
+                return set()
+            moved = conn.execute(_MARK_SENDING, starting).rowcount
+            wanted = {s["id"] for s in starting}
+            if moved == len(starting):
+                return wanted
+            # Rare: someone unsubscribed between the batch read and now. Find who is left.
+            return set(conn.execute(select(deliveries.c.id).where(
+                deliveries.c.id.in_(wanted), deliveries.c.status == DeliveryStatus.SENDING,
+            )).scalars())
+
+    def heartbeat(self, campaign_id: int, *, runner: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(campaigns).where(campaigns.c.id == campaign_id,
+                                                 campaigns.c.runner == runner)
+                         .values(heartbeat_at=utcnow()))
+
+    def finish_run(self, campaign_id: int, *, runner: str, error: str | None = None) -> None:
+        now = utcnow()
+        with self.engine.begin() as conn:
+            pending = conn.execute(select(func.count()).select_from(deliveries).where(
+                deliveries.c.campaign_id == campaign_id,
+                deliveries.c.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.SENDING]),
+            )).scalar_one()
+            status = CampaignStatus.RUNNING if pending else CampaignStatus.COMPLETED
+            conn.execute(update(campaigns).where(campaigns.c.id == campaign_id,
+                                                 campaigns.c.runner == runner)
+                         .values(status=status, runner=None, heartbeat_at=None,
+                                 finished_at=None if pending else now, last_error=error))
+
+    def delivery_counts(self, campaign_id: int) -> DeliveryCounts:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(deliveries.c.status, func.count())
+                .where(deliveries.c.campaign_id == campaign_id)
+                .group_by(deliveries.c.status)
+            ).all()
+        return DeliveryCounts({DeliveryStatus(s): n for s, n in rows})
+
+    def deliveries_of(self, campaign_id: int, status: DeliveryStatus) -> list[tuple[str, str]]:
+        """(email, last_error) of a campaign's rows in one status, for reports."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(subscribers.c.email, deliveries.c.last_error)
+                .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
+                .where(deliveries.c.campaign_id == campaign_id, deliveries.c.status == status)
+                .order_by(deliveries.c.id)
+            ).all()
+        return [(r.email, r.last_error or "") for r in rows]
+
+
+def _campaign_list_ids(conn: Connection, campaign_id: int) -> tuple[int, ...]:
+    return tuple(conn.execute(select(campaign_lists.c.list_id)
+                              .where(campaign_lists.c.campaign_id == campaign_id)
+                              .order_by(campaign_lists.c.list_id)).scalars())
+
+
+def _list(row: Row[Any]) -> MailingList:
+    return MailingList(row.id, row.slug, row.name, row.description, row.created_at)
+
+
+def _campaign(row: Row[Any], list_ids: tuple[int, ...]) -> Campaign:
+    return Campaign(
+        id=row.id, issue_key=row.issue_key, content_hash=row.content_hash, subject=row.subject,
+        issue_json=row.issue_json, html=row.html, text=row.text,
+        status=CampaignStatus(row.status), list_ids=list_ids, created_at=row.created_at,
+        started_at=row.started_at, finished_at=row.finished_at, last_error=row.last_error,
+        runner=row.runner,
+    )
+
+
+def dump_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)

@@ -1,0 +1,1 @@
+"""Our Jinja templates, installed as a package so wheels carry them."""
