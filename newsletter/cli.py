@@ -61,6 +61,9 @@ class _State:
     def __init__(self) -> None:
         self._app: Newsletter | None = None
 
+    def reset(self) -> None:
+        self._app = None
+
     @property
     def app(self) -> Newsletter:
         if self._app is None:
@@ -83,6 +86,7 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
+    _state.reset()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LowerLevelFormatter("%(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,

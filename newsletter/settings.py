@@ -53,7 +53,8 @@ class SmtpRelay(BaseModel):
         query = {k: v[-1].lower() for k, v in parse_qs(parts.query).items()}
         known = {"starttls", "verify"}
         if unknown := set(query) - known:
-            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; known: starttls, verify")
+            names = ", ".join(sorted(unknown))
+            raise ValueError(f"unknown option(s) {names}; known: starttls, verify")
         truthy = {"1", "true", "yes", "on"}
         use_tls = parts.scheme == "smtps"
         start_tls: bool | None = None
@@ -132,7 +133,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_from(cls, value: str) -> str:
         check_header_text(value, "from")
-        name, addr = parseaddr(value)
+        addr = parseaddr(value)[1]
         if "@" not in addr or addr.startswith("@") or addr.endswith("@"):
             raise ValueError(f"no valid address in {value!r}; expected 'Name <user@domain>'")
         return value

@@ -25,6 +25,17 @@ _SOURCE_PREFIX = re.compile(r"^(?:Source|Sources|来源|資料來源|出处)\s*[
 Lines = dict[tuple[str | int, ...], int]
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that leaves dates as text, so an invalid date becomes a validation error
+    with its field and line instead of a bare ValueError from the YAML constructor."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def load_issue(path: str | Path) -> Issue:
     """Parse and validate the issue file at `path`; the format follows the file's suffix."""
     path = Path(path)
@@ -108,7 +119,7 @@ def _nearest_line(lines: Lines, loc: tuple[str | int, ...]) -> int | None:
 
 def _parse_yaml(text: str, name: str, *, offset: int) -> tuple[Any, Lines]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 + offset if mark is not None else None
@@ -120,7 +131,7 @@ def _parse_yaml(text: str, name: str, *, offset: int) -> tuple[Any, Lines]:
 def _yaml_lines(text: str, offset: int = 0) -> Lines:
     """Map every path in a YAML/JSON document to the 1-based line where it starts."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError:
         return {}
     lines: Lines = {}

@@ -168,7 +168,9 @@ class Engine:
         """Send to everyone due; returns when all are attempted or the run had to stop."""
         start = self.store.claim_campaign(campaign_id, runner=self.runner,
                                           lease=0.0 if takeover else self.lease)
-        progress = Progress(due=self.store.delivery_counts(campaign_id)[DeliveryStatus.QUEUED])
+        counts = self.store.delivery_counts(campaign_id)
+        progress = Progress(due=counts[DeliveryStatus.QUEUED])
+        skipped_before = counts[DeliveryStatus.SKIPPED]
         report = RunReport(progress=progress, start=start)
         ledger = _Ledger(self.store)
         queue: asyncio.Queue[Due | None] = asyncio.Queue(maxsize=self.concurrency * 4)
@@ -185,13 +187,14 @@ class Engine:
             after = 0
             while not stop.is_set():
                 batch = self.store.due_batch(campaign_id, after_id=after, limit=self.batch_size)
-                if not batch:
+                if not batch.last_id:
                     break
-                for due in batch:
+                progress.skipped += batch.skipped
+                for due in batch.due:
                     if stop.is_set():
                         break
                     await queue.put(due)
-                after = batch[-1].delivery_id
+                after = batch.last_id
             for _ in range(self.concurrency):
                 await queue.put(None)
 
@@ -249,6 +252,10 @@ class Engine:
                 with contextlib.suppress(Exception):
                     self.store.finish_run(campaign_id, runner=self.runner,
                                           error=report.aborted or (str(error) if error else None))
+                # Unsubscribes during the run skip rows directly in the ledger; count them all.
+                with contextlib.suppress(Exception):
+                    skipped = self.store.delivery_counts(campaign_id)[DeliveryStatus.SKIPPED]
+                    progress.skipped = skipped - skipped_before
             if self.on_progress:
                 self.on_progress(progress)
         return report

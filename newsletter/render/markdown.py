@@ -131,7 +131,8 @@ class TextRenderer:
                 self._blocks(tokens, i + 1, close, out, indent + "> ")
                 i = close + 1
             elif tok.type in ("fence", "code_block"):
-                out.append("\n".join(indent + "    " + ln for ln in tok.content.rstrip().split("\n")))
+                code = tok.content.rstrip().split("\n")
+                out.append("\n".join(indent + "    " + ln for ln in code))
                 i += 1
             elif tok.type == "hr":
                 out.append(indent + "-" * 20)

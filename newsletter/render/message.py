@@ -16,8 +16,8 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email import quoprimime
 from datetime import UTC, datetime
+from email import quoprimime
 from email.utils import format_datetime
 
 from ..headers import check_header_text, encode_text, format_address
@@ -52,7 +52,9 @@ def qp_slot(value: str) -> bytes:
     if _QP_SAFE.fullmatch(value):
         encoded = [value[i:i + _QP_LINE] for i in range(0, len(value), _QP_LINE)]
     else:
-        encoded, line, used = [], [], 0
+        encoded = []
+        line: list[str] = []
+        used = 0
         for byte in value.encode("utf-8"):
             unit = chr(byte) if 33 <= byte <= 126 and byte != 61 else f"={byte:02X}"
             if used + len(unit) > _QP_LINE:

@@ -85,6 +85,15 @@ class Due:
     recipient: Recipient
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One page of due ledger rows; `last_id` continues the walk even if all were skipped."""
+
+    due: list[Due]
+    skipped: int  # rows whose subscriber left the list since the run started
+    last_id: int  # 0 when the walk is over
+
+
 @dataclass(frozen=True, slots=True)
 class Mark:
     """A change to one ledger row: a new status, and the error if it failed."""
@@ -110,7 +119,7 @@ class DeliveryStore(Protocol):
         """Take the campaign for this run, or raise ConflictError if a live run holds it."""
         ...
 
-    def due_batch(self, campaign_id: int, *, after_id: int, limit: int) -> list[Due]:
+    def due_batch(self, campaign_id: int, *, after_id: int, limit: int) -> Batch:
         """Queued rows after after_id in id order; rows no longer active become 'skipped'."""
         ...
 

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConflictError, NotFoundError
 from ..render.message import Recipient
-from .base import Campaign, DeliveryCounts, Due, Mark, MailingList, Member, RunStart
+from .base import Batch, Campaign, DeliveryCounts, Due, MailingList, Mark, Member, RunStart
 from .schema import (
     TZ,
     CampaignStatus,
@@ -268,11 +268,13 @@ class SqlStore:
     def create_campaign(self, *, issue_key: str, content_hash: str, subject: str,
                         issue_json: str, html: str, text: str, list_ids: Sequence[int]) -> Campaign:
         with self.engine.begin() as conn:
-            cid = conn.execute(insert(campaigns).values(
+            key = conn.execute(insert(campaigns).values(
                 issue_key=issue_key, content_hash=content_hash, subject=subject,
                 issue_json=issue_json, html=html, text=text, status=CampaignStatus.DRAFT,
                 created_at=utcnow(),
-            )).inserted_primary_key[0]
+            )).inserted_primary_key
+            assert key is not None
+            cid = int(key[0])
             conn.execute(insert(campaign_lists),
                          [{"campaign_id": cid, "list_id": lid} for lid in list_ids])
         return self.get_campaign(cid)
@@ -342,7 +344,7 @@ class SqlStore:
             ).values(status=DeliveryStatus.QUEUED, updated_at=now)).rowcount
         return RunStart(enqueued=enqueued, became_unknown=unknown, retrying=retrying)
 
-    def due_batch(self, campaign_id: int, *, after_id: int, limit: int) -> list[Due]:
+    def due_batch(self, campaign_id: int, *, after_id: int, limit: int) -> Batch:
         # Keyset pagination on the ledger's (campaign_id, status, id) index: constant cost per
         # batch however far into the list we are. The membership is joined so that someone who
         # left since the run started is skipped here rather than sent to.
@@ -359,8 +361,10 @@ class SqlStore:
         )
         due: list[Due] = []
         gone: list[int] = []
+        last = 0
         with self.engine.begin() as conn:
             for r in conn.execute(query):
+                last = r.id
                 if r.status != MembershipStatus.ACTIVE:
                     gone.append(r.id)
                 else:
@@ -368,22 +372,20 @@ class SqlStore:
             if gone:
                 conn.execute(update(deliveries).where(deliveries.c.id.in_(gone))
                              .values(status=DeliveryStatus.SKIPPED, updated_at=utcnow()))
-        return due
+        return Batch(due, len(gone), last)
 
     def begin(self, marks: Sequence[Mark]) -> set[int]:
         now = utcnow()
         outcomes = [{"id": m.delivery_id, "status": str(m.status), "error": m.error, "now": now}
                     for m in marks if m.status != DeliveryStatus.SENDING]
-        starting = [{"id": m.delivery_id, "now": now}
-                    for m in marks if m.status == DeliveryStatus.SENDING]
+        wanted = {m.delivery_id for m in marks if m.status == DeliveryStatus.SENDING}
         with self.engine.begin() as conn:
             if outcomes:
                 conn.execute(_MARK_OUTCOME, outcomes)
-            if not starting:
+            if not wanted:
                 return set()
-            moved = conn.execute(_MARK_SENDING, starting).rowcount
-            wanted = {s["id"] for s in starting}
-            if moved == len(starting):
+            moved = conn.execute(_MARK_SENDING, [{"id": i, "now": now} for i in wanted]).rowcount
+            if moved == len(wanted):
                 return wanted
             # Rare: someone unsubscribed between the batch read and now. Find who is left.
             return set(conn.execute(select(deliveries.c.id).where(
