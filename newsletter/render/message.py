@@ -82,8 +82,7 @@ def _qp_static(text: str) -> bytes:
 class _Part:
     """One body part split at its slots: fixed bytes, then (slot name, fixed bytes) pairs."""
 
-    def __init__(self, text: str, escape: Callable[[str], str]) -> None:
-        self.escape = escape
+    def __init__(self, text: str) -> None:
         pieces = SLOT_RE.split(text)
         # split() alternates text, slot name, text, ...; a slot's text neighbours end and
         # start with a soft break so the slot value sits on lines of its own.
@@ -98,15 +97,22 @@ class _Part:
                 tail += b"=\r\n"
             self.rest.append((name, tail))
 
-    def emit(self, values: dict[str, str], out: list[bytes]) -> None:
+    def emit(self, encoded: dict[str, bytes], out: list[bytes]) -> None:
+        """Append this part, its slots filled with already encoded values."""
         out.append(self.head)
         for name, tail in self.rest:
-            out.append(qp_slot(self.escape(values[name])))
+            out.append(encoded[name])
             out.append(tail)
 
 
-def _html_escape(value: str) -> str:
-    return html.escape(value, quote=True)
+_HTML_SPECIAL = re.compile(r"[&<>\"']")
+
+
+def _for_html(value: str, encoded: bytes) -> bytes:
+    """The HTML part's encoding of value: the text part's bytes unless escaping changes it."""
+    if _HTML_SPECIAL.search(value):
+        return qp_slot(html.escape(value, quote=True))
+    return encoded
 
 
 class PreparedMessage:
@@ -147,8 +153,10 @@ class PreparedMessage:
         self._text_open = (f"--{boundary}\r\n" + part_head.format("plain")).encode("ascii")
         self._html_open = (f"\r\n--{boundary}\r\n" + part_head.format("html")).encode("ascii")
         self._close = f"\r\n--{boundary}--\r\n".encode("ascii")
-        self._text = _Part(rendered.text, escape=lambda v: v)
-        self._html = _Part(rendered.html, escape=_html_escape)
+        self._text = _Part(rendered.text)
+        self._html = _Part(rendered.html)
+        # List names repeat across recipients: encode each once per part.
+        self._list_names: dict[int, tuple[bytes, bytes]] = {}
 
     def _date(self) -> bytes:
         now = int(time.time())
@@ -177,10 +185,18 @@ class PreparedMessage:
     def build(self, recipient: Recipient) -> bytes:
         """The full message for one recipient: CRLF, dot-stuffed, without the final '.'."""
         url = self.unsubscribe_url(recipient)
-        values = {
-            "unsubscribe_url": url, "recipient_email": recipient.email,
-            "list_name": self._lists[recipient.list_id].name,
-        }
+        names = self._list_names.get(recipient.list_id)
+        if names is None:
+            name = self._lists[recipient.list_id].name
+            plain = qp_slot(name)
+            names = self._list_names[recipient.list_id] = (plain, _for_html(name, plain))
+        url_qp = qp_slot(url)
+        email_qp = qp_slot(recipient.email)
+        text_values = {"unsubscribe_url": url_qp, "recipient_email": email_qp,
+                       "list_name": names[0]}
+        html_values = {"unsubscribe_url": _for_html(url, url_qp),
+                       "recipient_email": _for_html(recipient.email, email_qp),
+                       "list_name": names[1]}
         head = (
             f"To: {format_address(recipient.name, recipient.email)}\r\n"
             + f"Message-ID: {self.message_id(recipient)}\r\n"
@@ -188,9 +204,9 @@ class PreparedMessage:
         )
         out = [head.encode("ascii"), self._date(), self._list_header(recipient.list_id),
                self._common, self._text_open]
-        self._text.emit(values, out)
+        self._text.emit(text_values, out)
         out.append(self._html_open)
-        self._html.emit(values, out)
+        self._html.emit(html_values, out)
         out.append(self._close)
         return b"".join(out)
 
