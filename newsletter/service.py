@@ -156,16 +156,7 @@ class Newsletter:
         return SendPlan(campaign, mlists, new=True, due=self._active_count(mlists), notes=notes)
 
     def _active_count(self, mlists: Sequence[MailingList]) -> int:
-        from sqlalchemy import func, select
-
-        from .store.schema import memberships
-
-        with self.store.engine.connect() as conn:
-            return int(conn.execute(
-                select(func.count(func.distinct(memberships.c.subscriber_id))).where(
-                    memberships.c.list_id.in_([m.id for m in mlists]),
-                    memberships.c.status == "active",
-                )).scalar_one())
+        return self.store.active_count([m.id for m in mlists])
 
     async def run(self, plan: SendPlan, *, on_progress: Callable[[Progress], None] | None = None,
                   force_capture: bool = False) -> RunReport:

@@ -57,7 +57,10 @@ class SmtpRelay(BaseModel):
             raise ValueError(f"unknown option(s) {names}; known: starttls, verify")
         truthy = {"1", "true", "yes", "on"}
         use_tls = parts.scheme == "smtps"
-        start_tls: bool | None = None
+        # Secure by default: a remote relay must offer STARTTLS unless the URL says otherwise;
+        # only a relay on this machine may be used in the clear without asking.
+        local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+        start_tls: bool | None = None if local else True
         if "starttls" in query:
             start_tls = query["starttls"] in truthy
         return cls(

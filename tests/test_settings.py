@@ -95,6 +95,10 @@ def test_smtp_url_forms() -> None:
     assert (r.port, r.use_tls, r.start_tls) == (465, True, False)
     assert SmtpRelay.from_url("smtp://h?verify=false").validate_certs is False
     assert SmtpRelay.from_url("smtp://h").port == 587
+    # A remote relay must offer STARTTLS unless the URL opts out; loopback may be plain.
+    assert SmtpRelay.from_url("smtp://relay.example.org").start_tls is True
+    assert SmtpRelay.from_url("smtp://relay.example.org?starttls=false").start_tls is False
+    assert SmtpRelay.from_url("smtp://127.0.0.1:2525").start_tls is None
 
 
 def test_secret_key_generated_once_with_warning(tmp_path: Path,

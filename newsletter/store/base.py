@@ -1,7 +1,7 @@
 """What the store holds, as plain records, and the interface the delivery engine depends on.
 
 The engine sees only `DeliveryStore`; store.sql implements it on SQLAlchemy (SQLite now,
-PostgreSQL later) and store.memory ships an in-memory fake beside it for tests.
+PostgreSQL later), so another backend can come without touching the delivery code.
 """
 
 from __future__ import annotations

@@ -207,6 +207,15 @@ class SqlStore:
                 conn.execute(insert(membership_events), events)
         return result
 
+    def active_count(self, list_ids: Sequence[int]) -> int:
+        """Distinct active subscribers over these lists: whom a send to them would reach."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(
+                select(func.count(func.distinct(memberships.c.subscriber_id))).where(
+                    memberships.c.list_id.in_(list(list_ids)),
+                    memberships.c.status == MembershipStatus.ACTIVE,
+                )).scalar_one())
+
     def members(self, list_id: int, *, status: MembershipStatus | None = None,
                 batch: int = 1000) -> Iterator[Member]:
         """Stream a list's members in id order, a batch at a time (memory stays flat)."""
