@@ -9,6 +9,7 @@ import asyncio
 import csv
 import json
 import logging
+import secrets
 import shutil
 import sys
 import time
@@ -303,7 +304,13 @@ def _run_with_progress(nl: Newsletter, plan: SendPlan, label: str,
             bar.update(task, completed=p.done, total=max(p.due, p.done) or None,
                        rate=f"{p.rate:,.0f} msg/s")
 
-        return asyncio.run(nl.run(plan, on_progress=update, force_capture=force_capture))
+        try:
+            return asyncio.run(nl.run(plan, on_progress=update, force_capture=force_capture))
+        except KeyboardInterrupt:
+            bar.stop()
+            err.print("interrupted: what was sent is recorded; run the same command again to "
+                      "resume")
+            raise typer.Exit(130) from None
 
 
 def _print_report(report: RunReport) -> None:
@@ -360,7 +367,9 @@ def demo(
     csv_file = _find_sample("subscribers/sample.csv")
     if workspace.exists():
         shutil.rmtree(workspace)
-    settings = load_settings(var_dir=workspace, database_url="", smtp_url=None)
+    # A throwaway key: the demo workspace is recreated on every run, links and all.
+    settings = load_settings(var_dir=workspace, database_url="", smtp_url=None,
+                             secret_key=secrets.token_urlsafe(32))
     nl = Newsletter(settings)
     out.print(f"[bold]newsletter demo[/] - a fresh workspace in {workspace}/")
     mlist = nl.store.create_list("demo", name="Digital Economy Brief")

@@ -199,3 +199,22 @@ def test_rate_limit_spaces_messages(tmp_path: Path, smtpd: SmtpTestServer, issue
     assert report.progress.sent == 20
     # 20 messages at 50/s cannot take less than 19 intervals of 20 ms.
     assert time.monotonic() - start >= 0.38
+
+
+def test_sending_does_not_render_again(
+    nl: Newsletter, smtpd: SmtpTestServer, issue: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Jinja and premailer run once, when the campaign is created; never per recipient."""
+    import newsletter.render.issue as render_issue_mod
+
+    add_subscribers(nl, "news", 50)
+    plan = nl.plan_send(issue, ["news"])
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("rendered during the send")
+
+    monkeypatch.setattr(render_issue_mod, "render_template", forbidden)
+    monkeypatch.setattr(render_issue_mod, "inline_css", forbidden)
+    monkeypatch.setattr("premailer.Premailer", forbidden)
+    report = asyncio.run(nl.run(plan))
+    assert report.progress.sent == 50

@@ -112,7 +112,8 @@ class _Ledger:
     async def begin(self, delivery_id: int) -> bool:
         """Commit 'sending' for this row (with any outcomes waiting); False if it was taken."""
         self.pending.append(Mark(delivery_id, DeliveryStatus.SENDING))
-        return delivery_id in await self._schedule()
+        # shield: one worker being cancelled must not cancel the commit the others await.
+        return delivery_id in await asyncio.shield(self._schedule())
 
     def finish(self, delivery_id: int, status: DeliveryStatus, error: str | None = None) -> None:
         self.pending.append(Mark(delivery_id, status, error))
@@ -128,6 +129,8 @@ class _Ledger:
         marks, future = self.pending, self.future
         self.pending, self.future = [], None
         assert future is not None
+        if future.cancelled():  # cannot happen while begin() shields it; be safe anyway
+            future = self.loop.create_future()
         try:
             # Synchronous on purpose: SQLite commits take microseconds, and running it here
             # keeps the order of marks equal to the order of events.
@@ -245,17 +248,17 @@ class Engine:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
-            if error is None or isinstance(error, Exception):
-                # Record what is known; rows still 'sending' stay so and become 'unknown'.
-                with contextlib.suppress(Exception):
-                    ledger.close()
-                with contextlib.suppress(Exception):
-                    self.store.finish_run(campaign_id, runner=self.runner,
-                                          error=report.aborted or (str(error) if error else None))
-                # Unsubscribes during the run skip rows directly in the ledger; count them all.
-                with contextlib.suppress(Exception):
-                    skipped = self.store.delivery_counts(campaign_id)[DeliveryStatus.SKIPPED]
-                    progress.skipped = skipped - skipped_before
+            # Also on Ctrl-C: outcomes already known are written and the claim released;
+            # rows still 'sending' stay so and the next run counts them as unknown.
+            with contextlib.suppress(Exception):
+                ledger.close()
+            with contextlib.suppress(Exception):
+                self.store.finish_run(campaign_id, runner=self.runner,
+                                      error=report.aborted or (str(error) if error else None))
+            # Unsubscribes during the run skip rows directly in the ledger; count them all.
+            with contextlib.suppress(Exception):
+                skipped = self.store.delivery_counts(campaign_id)[DeliveryStatus.SKIPPED]
+                progress.skipped = skipped - skipped_before
             if self.on_progress:
                 self.on_progress(progress)
         return report
