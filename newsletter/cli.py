@@ -293,6 +293,13 @@ def _announce_mode(nl: Newsletter, *, force_capture: bool = False) -> None:
                   "no mail leaves this machine")
     elif relay := nl.settings.relay:
         out.print(f"relay: {relay.describe()}")
+        # Real mail: say what mailbox providers and the law will hold against it.
+        if not nl.settings.base_url.startswith("https://"):
+            err.print("warning: NEWSLETTER_BASE_URL is not https://; Gmail and Yahoo only "
+                      "offer one-click unsubscribe for an HTTPS List-Unsubscribe URL")
+        if not nl.settings.postal_address.strip():
+            err.print("warning: NEWSLETTER_POSTAL_ADDRESS is empty; bulk mail must show a "
+                      "valid postal address (CAN-SPAM)")
 
 
 def _run_with_progress(nl: Newsletter, plan: SendPlan, label: str,
@@ -397,17 +404,23 @@ def demo(
 
 @app.command("settings")
 def show_settings() -> None:
-    """Show the settings in effect (secrets masked) and where they came from."""
+    """Show the settings in effect, as environment variable names; secrets are masked."""
+    from sqlalchemy.engine import make_url
+
     s: Settings = _state.app.settings
-    shown: dict[str, Any] = {}
     for name in Settings.model_fields:
-        value = getattr(s, name)
+        value: Any = getattr(s, name)
         if name in ("secret_key", "smtp_url", "old_secret_keys"):
             value = "(set)" if value else "(not set)"
-        shown[name] = str(value) if isinstance(value, Path) else value
-    shown["database_url (in effect)"] = s.resolved_database_url
-    for k, v in shown.items():
-        out.print(f"{k} = {v!r}")
+        elif name == "database_url":
+            value = make_url(s.resolved_database_url).render_as_string(hide_password=True)
+        elif isinstance(value, Path):
+            value = str(value)
+        key = "FROM" if name == "from_address" else name.upper()
+        out.print(f"NEWSLETTER_{key} = {value!r}", markup=False)
+    out.print("capture mode: SMTP_URL unset, mail is stored in "
+              f"{s.outbox_dir}/" if s.relay is None else f"relay: {s.relay.describe()}",
+              markup=False)
 
 
 def main() -> None:

@@ -21,14 +21,18 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ .-]*")
 
 
 def check_header_text(value: str, field: str) -> str:
-    """Return value unchanged if it is safe in a header, else raise HeaderInjectionError."""
+    """Return value unchanged if it is safe in a header, else raise HeaderInjectionError.
+
+    `field` names the value in the message; empty when the caller already says which it is.
+    """
+    where = f"{field}: " if field else ""
     if match := _FORBIDDEN.search(value):
         raise HeaderInjectionError(
-            f"{field}: control character {match.group()!r} is not allowed in text that goes "
+            f"{where}control character {match.group()!r} is not allowed in text that goes "
             "into a mail header"
         )
     if _ENCODED_WORD.search(value):
-        raise HeaderInjectionError(f"{field}: RFC 2047 encoded-words ('=?...?=') are not allowed")
+        raise HeaderInjectionError(f"{where}RFC 2047 encoded-words ('=?...?=') are not allowed")
     return value
 
 

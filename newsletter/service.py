@@ -123,22 +123,30 @@ class Newsletter:
         mlists = [self.store.get_list(slug) for slug in dict.fromkeys(slugs)]
         list_ids = tuple(sorted(m.id for m in mlists))
         notes: list[str] = []
+        names = ", ".join(m.slug for m in mlists)
         previous = [c for c in self.store.find_campaigns(issue.key) if c.list_ids == list_ids
                     and c.status != CampaignStatus.CANCELLED]
-        if previous and not again:
+        if previous:
             campaign = previous[0]
             counts = self.store.delivery_counts(campaign.id)
-            if campaign.status == CampaignStatus.COMPLETED and counts.due == 0:
+            finished = campaign.status == CampaignStatus.COMPLETED and counts.due == 0
+            if again and not finished:
+                raise ConflictError(
+                    f"campaign {campaign.id} of issue '{issue.key}' to {names} is unfinished; "
+                    "run without --again to resume it first")
+        if previous and not again:
+            if finished:
                 when = f"{campaign.finished_at:%Y-%m-%d %H:%M} UTC" if campaign.finished_at else ""
                 raise ConflictError(
-                    f"issue '{issue.key}' was already sent to {', '.join(slugs)} {when} "
+                    f"issue '{issue.key}' was already sent to {names} {when} "
                     f"(campaign {campaign.id}: sent {counts[DeliveryStatus.SENT]}); "
                     "use --again to send it to everyone once more")
             if campaign.content_hash != issue.content_hash():
                 notes.append("the issue file changed since this campaign started; the rest of "
                              "the list gets the version the others got")
             if campaign.started_at is None:
-                due = self._active_count(mlists)
+                due = self.store.audience_count(
+                    list_ids, issue_key=None if campaign.resend else issue.key)
             else:
                 due = counts.due + counts[DeliveryStatus.SENDING]
                 notes.append(f"resuming campaign {campaign.id}: {counts[DeliveryStatus.SENT]} "
@@ -148,15 +156,17 @@ class Newsletter:
                              "interrupted run are not resent")
             return SendPlan(campaign, mlists, new=False, due=due, notes=notes)
         rendered = self.render(issue)
+        due = self.store.audience_count(list_ids, issue_key=None if again else issue.key)
+        reach = self.store.audience_count(list_ids)
+        if due < reach and not again:
+            notes.append(f"{reach - due} subscriber(s) of {names} already got this issue (or are "
+                         "due it) from another send and are left out")
         campaign = self.store.create_campaign(
             issue_key=issue.key, content_hash=issue.content_hash(), subject=rendered.subject,
             issue_json=issue.model_dump_json(), html=rendered.html, text=rendered.text,
-            list_ids=list_ids,
+            list_ids=list_ids, resend=again,
         )
-        return SendPlan(campaign, mlists, new=True, due=self._active_count(mlists), notes=notes)
-
-    def _active_count(self, mlists: Sequence[MailingList]) -> int:
-        return self.store.active_count([m.id for m in mlists])
+        return SendPlan(campaign, mlists, new=True, due=due, notes=notes)
 
     async def run(self, plan: SendPlan, *, on_progress: Callable[[Progress], None] | None = None,
                   force_capture: bool = False) -> RunReport:

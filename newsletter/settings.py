@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from email.utils import parseaddr
+import tomllib
+from email.utils import formataddr, parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -20,6 +21,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -76,7 +78,12 @@ class SmtpRelay(BaseModel):
     def describe(self) -> str:
         """Where mail goes, for messages: never includes the password."""
         user = f"{self.username}@" if self.username else ""
-        tls = "TLS" if self.use_tls else ("STARTTLS" if self.start_tls else "STARTTLS if offered")
+        if self.use_tls:
+            tls = "TLS"
+        elif self.start_tls is None:
+            tls = "STARTTLS if offered"
+        else:
+            tls = "STARTTLS required" if self.start_tls else "no TLS"
         return f"smtp://{user}{self.host}:{self.port} ({tls})"
 
 
@@ -87,7 +94,9 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX,
         env_file=".env",
         env_file_encoding="utf-8",
-        extra="forbid",
+        # Other tools' variables in the environment or .env are not ours to refuse; unknown
+        # keys in our own TOML file are refused by _TomlSource.
+        extra="ignore",
         populate_by_name=True,
         case_sensitive=False,
     )
@@ -98,9 +107,10 @@ class Settings(BaseSettings):
     smtp_url: SecretStr | None = Field(
         default=None, description="smtp://user:pass@host:587?starttls=true; unset = capture"
     )
+    # `from` in TOML (renamed by _TomlSource), NEWSLETTER_FROM in the environment; a single
+    # alias, so that a stray unprefixed FROM variable can never set the sender.
     from_address: str = Field(
-        default="Digest <digest@example.org>",
-        validation_alias=AliasChoices("from", "from_address", "NEWSLETTER_FROM"),
+        default="Digest <digest@example.org>", validation_alias=AliasChoices("NEWSLETTER_FROM"),
     )
     base_url: str = "http://localhost:8000"
     secret_key: SecretStr | None = None
@@ -129,25 +139,55 @@ class Settings(BaseSettings):
         if config and not path.is_file():
             raise ConfigError(ENV_PREFIX + "CONFIG", f"no such file: {path}")
         if path.is_file():
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            sources.append(_TomlSource(settings_cls, toml_file=path))
         return tuple(sources)
 
     @field_validator("from_address")
     @classmethod
     def _check_from(cls, value: str) -> str:
-        check_header_text(value, "from")
-        addr = parseaddr(value)[1]
-        if "@" not in addr or addr.startswith("@") or addr.endswith("@"):
+        from email_validator import EmailNotValidError, validate_email
+
+        check_header_text(value, "")
+        name, addr = parseaddr(value)
+        if "@" not in addr:
             raise ValueError(f"no valid address in {value!r}; expected 'Name <user@domain>'")
-        return value
+        try:
+            info = validate_email(addr, check_deliverability=False)
+        except EmailNotValidError as exc:
+            raise ValueError(f"{addr}: {exc}") from None
+        if info.ascii_email is None:
+            raise ValueError(f"{addr}: a non-ASCII local part cannot be a sender address")
+        # An internationalised domain is kept in its ASCII (punycode) form for the headers.
+        return formataddr((name, info.ascii_email)) if name else info.ascii_email
+
+    @field_validator("list_id_domain")
+    @classmethod
+    def _check_list_domain(cls, value: str) -> str:
+        value = value.strip().rstrip(".").lower()
+        if not value:
+            return ""
+        check_header_text(value, "")
+        try:
+            ascii_domain = value.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"not a domain name: {value!r}") from None
+        if "." not in ascii_domain or " " in ascii_domain:
+            raise ValueError(f"not a domain name: {value!r}")
+        return ascii_domain
+
+    @field_validator("secret_key")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty value (NEWSLETTER_SECRET_KEY= in .env) means unset, not an empty key.
+        return value if value is not None and value.get_secret_value().strip() else None
 
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"must be an absolute http(s) URL, got {value!r}")
-        check_header_text(value, "base_url")
+            raise ValueError("must be an absolute http(s) URL")
+        check_header_text(value, "")
         return value.rstrip("/")
 
     @field_validator("smtp_url")
@@ -161,7 +201,7 @@ class Settings(BaseSettings):
     @field_validator("postal_address")
     @classmethod
     def _check_postal(cls, value: str) -> str:
-        check_header_text(value.replace("\n", " "), "postal_address")
+        check_header_text(value.replace("\n", " "), "")
         return value
 
     # Derived values: computed, never stored, so they cannot disagree with their source.
@@ -206,6 +246,24 @@ class Settings(BaseSettings):
         return [current] + [k.get_secret_value().encode() for k in self.old_secret_keys]
 
 
+class _TomlSource(TomlConfigSettingsSource):
+    """The TOML file, with `from` read as the sender and unknown keys refused."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            data = super()._read_file(file_path)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(ENV_PREFIX + "CONFIG", f"{file_path}: invalid TOML: {exc}") from None
+        if "from" in data:
+            data["NEWSLETTER_FROM"] = data.pop("from")
+        known = set(Settings.model_fields) - {"from_address"}
+        for key in data:
+            if key not in known and key != "NEWSLETTER_FROM":
+                raise ConfigError(ENV_PREFIX + "CONFIG",
+                                  f"{file_path}: unknown key {key!r}")
+        return data
+
+
 def _stored_secret(var_dir: Path) -> bytes:
     """Read the generated key under var/, creating it once with a warning."""
     path = var_dir / "secret_key"
@@ -230,8 +288,17 @@ def _stored_secret(var_dir: Path) -> bytes:
 
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings, turning the first validation error into a ConfigError naming the key."""
+    unknown = set(overrides) - set(Settings.model_fields)
+    if unknown:
+        raise ConfigError(", ".join(sorted(unknown)), "not a setting")
     try:
         return Settings(**overrides)
+    except SettingsError as exc:
+        # Raised for values that must be JSON (lists) and are not; name the variable.
+        text = str(exc)
+        name = text.split('"')[1] if text.count('"') >= 2 else "?"
+        raise ConfigError(ENV_PREFIX + name.upper(),
+                          "must be a JSON list, e.g. '[\"old-key-1\", \"old-key-2\"]'") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"]]
@@ -240,7 +307,7 @@ def load_settings(**overrides: Any) -> Settings:
             key = key[len(ENV_PREFIX):]
         field = Settings.model_fields.get(key.lower())
         if key.lower() in ("from", "from_address"):
-            key = "from"
+            key, field = "from", Settings.model_fields["from_address"]
         name = ENV_PREFIX + key.upper()
         msg = err["msg"].removeprefix("Value error, ")
         detail = f"{msg} (got {err['input']!r})" if field is not None and _show_input(key) else msg

@@ -218,3 +218,28 @@ def test_sending_does_not_render_again(
     monkeypatch.setattr("premailer.Premailer", forbidden)
     report = asyncio.run(nl.run(plan))
     assert report.progress.sent == 50
+
+
+def test_overlapping_list_sets_never_send_a_second_copy(
+    nl: Newsletter, smtpd: SmtpTestServer, issue: Path,
+) -> None:
+    add_subscribers(nl, "news", 10)
+    from newsletter.store.sql import NewMember
+
+    other = nl.store.create_list("other")
+    nl.store.upsert_members(other.id, [NewMember("user1@example.com"),
+                                       NewMember("fresh@example.com")], source="test")
+    _, first = _send(nl, issue, "news")
+    assert first.progress.sent == 10
+    plan, second = _send(nl, issue, "news", "other")  # a new list set, the same issue
+    assert plan.due == 1 and any("already got this issue" in n for n in plan.notes)
+    assert second.progress.sent == 1
+    counts = smtpd.recorder.count_by_rcpt()
+    assert counts["fresh@example.com"] == 1 and max(counts.values()) == 1
+
+
+def test_again_refuses_while_a_campaign_is_unfinished(nl: Newsletter, issue: Path) -> None:
+    add_subscribers(nl, "news", 3)
+    nl.plan_send(issue, ["news"])  # created, never run
+    with pytest.raises(ConflictError, match="unfinished; run without --again"):
+        nl.plan_send(issue, ["news"], again=True)

@@ -68,7 +68,7 @@ def test_bad_setting_names_key(monkeypatch: pytest.MonkeyPatch, env: str, value:
         load_settings()
         Path("config").mkdir()
         Path("config/newsletter.toml").write_text('colour = "blue"\n')
-        words = "NEWSLETTER_COLOUR: Extra inputs are not permitted"
+        words = "NEWSLETTER_CONFIG: config/newsletter.toml: unknown key 'colour'"
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert words in str(info.value)
@@ -115,3 +115,35 @@ def test_secret_key_generated_once_with_warning(tmp_path: Path,
     assert (tmp_path / "v" / "secret_key").stat().st_mode & 0o077 == 0
     rotated = load_settings(secret_key="new", old_secret_keys=["old1", "old2"])
     assert rotated.signing_keys() == [b"new", b"old1", b"old2"]
+
+
+def test_more_bad_inputs_give_one_line_not_a_traceback(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    Path("config").mkdir()
+    Path("config/newsletter.toml").write_text("send_rate = = 3\n")
+    with pytest.raises(ConfigError, match=r"NEWSLETTER_CONFIG: .*invalid TOML"):
+        load_settings()
+    Path("config/newsletter.toml").unlink()
+    monkeypatch.setenv("NEWSLETTER_OLD_SECRET_KEYS", "abc")
+    with pytest.raises(ConfigError, match="NEWSLETTER_OLD_SECRET_KEYS: must be a JSON list"):
+        load_settings()
+    monkeypatch.setenv("NEWSLETTER_OLD_SECRET_KEYS", '["abc"]')
+    assert load_settings(secret_key="k").signing_keys() == [b"k", b"abc"]
+    monkeypatch.setenv("NEWSLETTER_SECRET_KEY", "")
+    assert load_settings().secret_key is None  # empty means unset: a key is generated
+    monkeypatch.setenv("NEWSLETTER_FROM", "Desk <desk@exämple.org>")
+    s = load_settings()
+    assert s.sender_email == "desk@xn--exmple-cua.org" and s.sender_domain.isascii()
+    monkeypatch.setenv("NEWSLETTER_FROM", "Desk <dësk@example.org>")
+    with pytest.raises(ConfigError, match=r"NEWSLETTER_FROM: .*non-ASCII local part"):
+        load_settings()
+    monkeypatch.setenv("NEWSLETTER_LIST_ID_DOMAIN", "lists.exämple.org")
+    monkeypatch.delenv("NEWSLETTER_FROM")
+    assert load_settings().list_domain == "lists.xn--exmple-cua.org"
+
+
+def test_unrelated_variables_are_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FROM", "Someone Else <else@example.com>")
+    monkeypatch.setenv("FROM_ADDRESS", "else@example.com")
+    Path(".env").write_text("OTHER_TOOL=1\nNEWSLETTER_FROM=Desk <desk@example.org>\n")
+    assert load_settings().sender_email == "desk@example.org"

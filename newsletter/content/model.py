@@ -14,7 +14,7 @@ from ..headers import check_header_text
 
 
 def _header_safe(value: str) -> str:
-    return check_header_text(value, "text")
+    return check_header_text(value, "")  # pydantic's error already names the field
 
 
 def _not_blank(value: str) -> str:
@@ -70,7 +70,7 @@ class Issue(BaseModel):
     preheader: str = ""
     language: str = Field(default="en", pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
     source: str | None = None
-    slug: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    slug: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=120)
     sections: list[Section] = Field(min_length=1)
 
     @field_validator("preheader")

@@ -25,11 +25,11 @@ SLOT_RE = re.compile(r"NLSLOT([a-z_]+)NLSLOT")
 
 LABELS: dict[str, dict[str, str]] = {
     "en": {
-        "contents": "In this issue", "number": "No.", "source": "Source",
+        "contents": "In this issue", "number": "No. {n}", "source": "Source",
         "sent_to": "Sent to", "because": "you subscribed to", "unsubscribe": "Unsubscribe",
     },
     "zh": {
-        "contents": "本期目录", "number": "第", "source": "来源",
+        "contents": "本期目录", "number": "第 {n} 期", "source": "来源",
         "sent_to": "收件人", "because": "您订阅了", "unsubscribe": "退订",
     },
 }

@@ -52,6 +52,7 @@ class Campaign:
     finished_at: dt.datetime | None
     last_error: str | None
     runner: str | None = None
+    resend: bool = False
 
 
 @dataclass

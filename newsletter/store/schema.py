@@ -7,6 +7,7 @@ from enum import StrEnum
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -121,6 +122,8 @@ campaigns = Table(
     Column("runner", String(200), nullable=True),
     Column("heartbeat_at", TZ, nullable=True),
     Column("last_error", Text, nullable=True),
+    # False: whoever already has (or is due) this issue from another campaign is left out.
+    Column("resend", Boolean, nullable=False, default=False),
     Index(None, "issue_key"),
 )
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
+    Select,
     and_,
     bindparam,
     func,
@@ -207,14 +208,11 @@ class SqlStore:
                 conn.execute(insert(membership_events), events)
         return result
 
-    def active_count(self, list_ids: Sequence[int]) -> int:
-        """Distinct active subscribers over these lists: whom a send to them would reach."""
+    def audience_count(self, list_ids: Sequence[int], *, issue_key: str | None = None) -> int:
+        """How many a new campaign to these lists would reach (see _audience)."""
+        sub = _audience(list_ids, issue_key=issue_key, exclude_campaign=None).subquery()
         with self.engine.connect() as conn:
-            return int(conn.execute(
-                select(func.count(func.distinct(memberships.c.subscriber_id))).where(
-                    memberships.c.list_id.in_(list(list_ids)),
-                    memberships.c.status == MembershipStatus.ACTIVE,
-                )).scalar_one())
+            return int(conn.execute(select(func.count()).select_from(sub)).scalar_one())
 
     def members(self, list_id: int, *, status: MembershipStatus | None = None,
                 batch: int = 1000) -> Iterator[Member]:
@@ -275,12 +273,13 @@ class SqlStore:
     # --- campaigns ---------------------------------------------------------------------------
 
     def create_campaign(self, *, issue_key: str, content_hash: str, subject: str,
-                        issue_json: str, html: str, text: str, list_ids: Sequence[int]) -> Campaign:
+                        issue_json: str, html: str, text: str, list_ids: Sequence[int],
+                        resend: bool = False) -> Campaign:
         with self.engine.begin() as conn:
             key = conn.execute(insert(campaigns).values(
                 issue_key=issue_key, content_hash=content_hash, subject=subject,
                 issue_json=issue_json, html=html, text=text, status=CampaignStatus.DRAFT,
-                created_at=utcnow(),
+                created_at=utcnow(), resend=resend,
             )).inserted_primary_key
             assert key is not None
             cid = int(key[0])
@@ -326,20 +325,16 @@ class SqlStore:
                     f"{row.heartbeat_at:%H:%M:%S} UTC); wait for it or stop that process")
             enqueued = 0
             if row.started_at is None:
-                # First run: fix the audience now. Someone on two target lists gets one
-                # message, through the list with the lowest id.
-                list_ids = _campaign_list_ids(conn, campaign_id)
+                # First run: fix the audience now, in one INSERT ... SELECT.
+                audience = _audience(_campaign_list_ids(conn, campaign_id),
+                                     issue_key=None if row.resend else row.issue_key,
+                                     exclude_campaign=campaign_id)
                 enqueued = conn.execute(insert(deliveries).from_select(
-                    ["campaign_id", "subscriber_id", "list_id", "status", "attempts",
+                    ["subscriber_id", "list_id", "campaign_id", "status", "attempts",
                      "updated_at"],
-                    select(
-                        literal(campaign_id), memberships.c.subscriber_id,
-                        func.min(memberships.c.list_id), literal(DeliveryStatus.QUEUED.value),
-                        literal(0), literal(now, TZ),
-                    ).where(
-                        memberships.c.list_id.in_(list_ids),
-                        memberships.c.status == MembershipStatus.ACTIVE,
-                    ).group_by(memberships.c.subscriber_id),
+                    audience.add_columns(
+                        literal(campaign_id), literal(DeliveryStatus.QUEUED.value),
+                        literal(0), literal(now, TZ)),
                 )).rowcount
             # A run that died left rows in 'sending': the relay may have taken them.
             unknown = conn.execute(update(deliveries).where(
@@ -441,6 +436,36 @@ class SqlStore:
         return [(r.email, r.last_error or "") for r in rows]
 
 
+def _audience(list_ids: Sequence[int], *, issue_key: str | None,
+              exclude_campaign: int | None) -> Select[Any]:
+    """(subscriber_id, list_id) of everyone a campaign to these lists is for.
+
+    Someone on several of the lists appears once, through the list with the lowest id. With
+    an issue_key, anyone another campaign of the same issue already sent to or still owes
+    (any status but 'skipped') is left out, so sending an issue to lists that overlap an
+    earlier send never gives anyone a second copy.
+    """
+    query = (
+        select(memberships.c.subscriber_id, func.min(memberships.c.list_id).label("list_id"))
+        .where(memberships.c.list_id.in_(list(list_ids)),
+               memberships.c.status == MembershipStatus.ACTIVE)
+        .group_by(memberships.c.subscriber_id)
+    )
+    if issue_key is not None:
+        earlier = (
+            select(deliveries.c.id)
+            .join(campaigns, campaigns.c.id == deliveries.c.campaign_id)
+            .where(campaigns.c.issue_key == issue_key,
+                   campaigns.c.status != CampaignStatus.CANCELLED,
+                   deliveries.c.subscriber_id == memberships.c.subscriber_id,
+                   deliveries.c.status != DeliveryStatus.SKIPPED)
+        )
+        if exclude_campaign is not None:
+            earlier = earlier.where(campaigns.c.id != exclude_campaign)
+        query = query.where(~earlier.exists())
+    return query
+
+
 def _campaign_list_ids(conn: Connection, campaign_id: int) -> tuple[int, ...]:
     return tuple(conn.execute(select(campaign_lists.c.list_id)
                               .where(campaign_lists.c.campaign_id == campaign_id)
@@ -457,7 +482,7 @@ def _campaign(row: Row[Any], list_ids: tuple[int, ...]) -> Campaign:
         issue_json=row.issue_json, html=row.html, text=row.text,
         status=CampaignStatus(row.status), list_ids=list_ids, created_at=row.created_at,
         started_at=row.started_at, finished_at=row.finished_at, last_error=row.last_error,
-        runner=row.runner,
+        runner=row.runner, resend=bool(row.resend),
     )
 
 

@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column("runner", sa.String(length=200), nullable=True),
         sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("resend", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_campaigns")),
     )
     with op.batch_alter_table("campaigns", schema=None) as batch_op:
