@@ -243,3 +243,27 @@ def test_again_refuses_while_a_campaign_is_unfinished(nl: Newsletter, issue: Pat
     nl.plan_send(issue, ["news"])  # created, never run
     with pytest.raises(ConflictError, match="unfinished; run without --again"):
         nl.plan_send(issue, ["news"], again=True)
+
+
+def test_cancelling_a_send_always_stops_it(tmp_path: Path, smtpd: SmtpTestServer,
+                                           issue: Path) -> None:
+    """Cancellation (Ctrl-C) ends the run promptly and leaves at most one row per connection
+    in flight, however it races with the relay's replies."""
+    nl = Newsletter(make_settings(tmp_path, smtp_url=smtpd.url, send_concurrency=8))
+    add_subscribers(nl, "news", 3000)
+    smtpd.recorder.delay = 0.001
+
+    async def cancel_after(plan_delay: float) -> None:
+        plan = nl.plan_send(issue, ["news"])
+        task = asyncio.create_task(nl.run(plan))
+        await asyncio.sleep(plan_delay)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=15)
+        assert done, "the send did not stop after being cancelled"
+        counts = nl.store.delivery_counts(plan.campaign.id)
+        assert counts[DeliveryStatus.SENDING] <= 8
+
+    for delay in (0.2, 0.35, 0.5):
+        asyncio.run(cancel_after(delay))
+    received = smtpd.recorder.count_by_rcpt()
+    assert received and max(received.values()) == 1

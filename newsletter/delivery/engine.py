@@ -218,8 +218,13 @@ class Engine:
                              f"last error: {report.errors[-1][1]}")
             finally:
                 if conn is not None:
-                    with contextlib.suppress(Exception):
+                    try:
                         await conn.close()
+                    except Exception:  # noqa: S110 - the relay may already be gone
+                        pass
+                    except BaseException:
+                        conn.abort()  # cancelled while saying goodbye: close the socket now
+                        raise
 
         async def tick() -> None:
             beat = time.monotonic()
@@ -240,9 +245,14 @@ class Engine:
                 await asyncio.gather(*tasks)
             except BaseException as exc:
                 error = exc
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                # Cancel until every task is done: on Python 3.11, asyncio.wait_for (used by
+                # aiosmtplib) can swallow a cancellation that races with a reply (gh-86296),
+                # and a worker that survives it would wait forever for its end-of-queue mark.
+                pending = set(tasks)
+                while pending:
+                    for t in pending:
+                        t.cancel()
+                    _, pending = await asyncio.wait(pending, timeout=1.0)
                 raise
         finally:
             ticker.cancel()

@@ -49,3 +49,6 @@ class FakeConnection:
 
     async def close(self) -> None:
         self.open = False
+
+    def abort(self) -> None:
+        self.open = False

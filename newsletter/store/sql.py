@@ -88,6 +88,15 @@ class SqlStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # The ledger writer: one connection held for a run, because checking a connection
+        # out of the pool for every group commit cost a third of a send's CPU.
+        self._writer: Connection | None = None
+
+    def close(self) -> None:
+        """Return the ledger writer's connection to the pool."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     # --- lists -------------------------------------------------------------------------------
 
@@ -383,7 +392,10 @@ class SqlStore:
         outcomes = [{"id": m.delivery_id, "status": str(m.status), "error": m.error, "now": now}
                     for m in marks if m.status != DeliveryStatus.SENDING]
         wanted = {m.delivery_id for m in marks if m.status == DeliveryStatus.SENDING}
-        with self.engine.begin() as conn:
+        if self._writer is None:
+            self._writer = self.engine.connect()
+        conn = self._writer
+        with conn.begin():
             if outcomes:
                 conn.execute(_MARK_OUTCOME, outcomes)
             if not wanted:
@@ -403,6 +415,7 @@ class SqlStore:
                          .values(heartbeat_at=utcnow()))
 
     def finish_run(self, campaign_id: int, *, runner: str, error: str | None = None) -> None:
+        self.close()
         now = utcnow()
         with self.engine.begin() as conn:
             pending = conn.execute(select(func.count()).select_from(deliveries).where(
