@@ -168,7 +168,7 @@ def subs_import(
     """Import subscribers from CSV: other columns become attributes; bad rows are reported."""
     store = _state.app.store
     mlist = store.get_list(list_slug)
-    with _progress(transient=True) as bar:
+    with _row_counter() as bar:
         task = bar.add_task("importing", total=None)
         result = import_csv(store, mlist.id, file, encoding=encoding,
                             on_progress=lambda n: bar.update(task, completed=n))
@@ -343,15 +343,19 @@ def _print_report(report: RunReport) -> None:
                   "still due: fix the cause and run the same command again.")
 
 
-def _progress(transient: bool = False) -> Progress:
+def _progress() -> Progress:
+    """The send progress bar: done/total, rate, elapsed and remaining time."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=out, transient=transient,
-    ) if not transient else Progress(
-        TextColumn("{task.description}"), TextColumn("{task.completed:,} rows"),
-        TimeElapsedColumn(), console=out, transient=True,
+        console=out,
     )
+
+
+def _row_counter() -> Progress:
+    """Rows read so far, for imports whose length is not known in advance."""
+    return Progress(TextColumn("{task.description}"), TextColumn("{task.completed:,} rows"),
+                    TimeElapsedColumn(), console=out, transient=True)
 
 
 # --- demo -------------------------------------------------------------------------------------

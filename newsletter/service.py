@@ -19,12 +19,12 @@ from .delivery.engine import Engine, Progress, RunReport, runner_is_dead
 from .delivery.relay import SmtpRelayClient
 from .errors import ConflictError
 from .headers import format_address
-from .render.issue import RenderedIssue, render_issue
+from .render.issue import RenderedIssue, fill_slots, render_issue
 from .render.message import ListInfo, PreparedMessage, Recipient, undot
 from .render.templates import make_environment
 from .render.tokens import TokenSigner
 from .settings import Settings
-from .store.base import Campaign, MailingList
+from .store.base import Campaign, DeliveryCounts, MailingList
 from .store.db import make_engine, migrate
 from .store.schema import CampaignStatus, DeliveryStatus
 from .store.sql import SqlStore
@@ -108,9 +108,9 @@ class Newsletter:
         out_dir.mkdir(parents=True, exist_ok=True)
         result = BuildResult(out_dir / "issue.html", out_dir / "issue.txt", out_dir / "issue.eml",
                              0)
-        html = _fill(rendered.html, {k: escape(v) for k, v in values.items()})
+        html = fill_slots(rendered.html, {k: escape(v) for k, v in values.items()})
         result.html.write_text(html, encoding="utf-8")
-        result.text.write_text(_fill(rendered.text, values), encoding="utf-8")
+        result.text.write_text(fill_slots(rendered.text, values), encoding="utf-8")
         result.eml.write_bytes(undot(message.build(reader)))
         result.html_bytes = len(html.encode("utf-8"))
         return result
@@ -134,27 +134,14 @@ class Newsletter:
                 raise ConflictError(
                     f"campaign {campaign.id} of issue '{issue.key}' to {names} is unfinished; "
                     "run without --again to resume it first")
-        if previous and not again:
-            if finished:
+            if finished and not again:
                 when = f"{campaign.finished_at:%Y-%m-%d %H:%M} UTC" if campaign.finished_at else ""
                 raise ConflictError(
                     f"issue '{issue.key}' was already sent to {names} {when} "
                     f"(campaign {campaign.id}: sent {counts[DeliveryStatus.SENT]}); "
                     "use --again to send it to everyone once more")
-            if campaign.content_hash != issue.content_hash():
-                notes.append("the issue file changed since this campaign started; the rest of "
-                             "the list gets the version the others got")
-            if campaign.started_at is None:
-                due = self.store.audience_count(
-                    list_ids, issue_key=None if campaign.resend else issue.key)
-            else:
-                due = counts.due + counts[DeliveryStatus.SENDING]
-                notes.append(f"resuming campaign {campaign.id}: {counts[DeliveryStatus.SENT]} "
-                             f"already sent, {counts.due} due")
-            if counts[DeliveryStatus.UNKNOWN]:
-                notes.append(f"{counts[DeliveryStatus.UNKNOWN]} with unknown outcome from an "
-                             "interrupted run are not resent")
-            return SendPlan(campaign, mlists, new=False, due=due, notes=notes)
+            if not again:
+                return self._resume_plan(issue, campaign, counts, mlists)
         rendered = self.render(issue)
         due = self.store.audience_count(list_ids, issue_key=None if again else issue.key)
         reach = self.store.audience_count(list_ids)
@@ -167,6 +154,25 @@ class Newsletter:
             list_ids=list_ids, resend=again,
         )
         return SendPlan(campaign, mlists, new=True, due=due, notes=notes)
+
+    def _resume_plan(self, issue: Issue, campaign: Campaign, counts: DeliveryCounts,
+                     mlists: list[MailingList]) -> SendPlan:
+        """The plan for continuing an unfinished campaign of the same issue and lists."""
+        notes: list[str] = []
+        if campaign.content_hash != issue.content_hash():
+            notes.append("the issue file changed since this campaign started; the rest of "
+                         "the list gets the version the others got")
+        if campaign.started_at is None:
+            due = self.store.audience_count(
+                campaign.list_ids, issue_key=None if campaign.resend else issue.key)
+        else:
+            due = counts.due + counts[DeliveryStatus.SENDING]
+            notes.append(f"resuming campaign {campaign.id}: {counts[DeliveryStatus.SENT]} "
+                         f"already sent, {counts.due} due")
+        if counts[DeliveryStatus.UNKNOWN]:
+            notes.append(f"{counts[DeliveryStatus.UNKNOWN]} with unknown outcome from an "
+                         "interrupted run are not resent")
+        return SendPlan(campaign, mlists, new=False, due=due, notes=notes)
 
     async def run(self, plan: SendPlan, *, on_progress: Callable[[Progress], None] | None = None,
                   force_capture: bool = False) -> RunReport:
@@ -196,9 +202,3 @@ class Newsletter:
     @property
     def capture_mode(self) -> bool:
         return self.settings.relay is None
-
-
-def _fill(text: str, values: dict[str, str]) -> str:
-    from .render.issue import SLOT_RE
-
-    return SLOT_RE.sub(lambda m: values[m.group(1)], text)

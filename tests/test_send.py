@@ -13,6 +13,7 @@ import pytest
 from newsletter.errors import ConflictError
 from newsletter.service import Newsletter
 from newsletter.store.schema import CampaignStatus, DeliveryStatus, MembershipStatus
+from newsletter.store.sql import NewMember
 
 from .conftest import add_subscribers, make_settings
 from .smtpd import Rule, SmtpTestServer
@@ -29,6 +30,12 @@ def issue(tmp_path: Path) -> Path:
 def _send(nl: Newsletter, issue: Path, *slugs: str, again: bool = False):  # type: ignore[no-untyped-def]
     plan = nl.plan_send(issue, list(slugs), again=again)
     return plan, asyncio.run(nl.run(plan))
+
+
+def _other_list(nl: Newsletter, *emails: str) -> None:
+    """A second list, 'other', with these active members."""
+    other = nl.store.create_list("other")
+    nl.store.upsert_members(other.id, [NewMember(e) for e in emails], source="test")
 
 
 def test_thousand_subscribers_each_receive_exactly_once(
@@ -61,11 +68,7 @@ def test_resend_needs_again_and_two_lists_get_one_copy(
     nl: Newsletter, smtpd: SmtpTestServer, issue: Path,
 ) -> None:
     add_subscribers(nl, "news", 5)
-    other = nl.store.create_list("other")
-    from newsletter.store.sql import NewMember
-
-    nl.store.upsert_members(other.id, [NewMember("user1@example.com"),
-                                       NewMember("solo@example.com")], source="test")
+    _other_list(nl, "user1@example.com", "solo@example.com")
     _, report = _send(nl, issue, "news", "other")
     assert report.progress.sent == 6  # user1 is on both lists and gets one message
     assert smtpd.recorder.count_by_rcpt()["user1@example.com"] == 1
@@ -224,11 +227,7 @@ def test_overlapping_list_sets_never_send_a_second_copy(
     nl: Newsletter, smtpd: SmtpTestServer, issue: Path,
 ) -> None:
     add_subscribers(nl, "news", 10)
-    from newsletter.store.sql import NewMember
-
-    other = nl.store.create_list("other")
-    nl.store.upsert_members(other.id, [NewMember("user1@example.com"),
-                                       NewMember("fresh@example.com")], source="test")
+    _other_list(nl, "user1@example.com", "fresh@example.com")
     _, first = _send(nl, issue, "news")
     assert first.progress.sent == 10
     plan, second = _send(nl, issue, "news", "other")  # a new list set, the same issue

@@ -24,7 +24,6 @@ from ..errors import (
     DeliveryError,
     PermanentDeliveryError,
     RelayError,
-    TemporaryDeliveryError,
     UnknownOutcomeError,
 )
 from ..render.message import PreparedMessage
@@ -65,6 +64,10 @@ class Progress:
     skipped: int = 0
     started: float = field(default_factory=time.monotonic)
 
+    def count(self, status: DeliveryStatus) -> None:
+        """One more outcome of this status (SENT, FAILED_TEMP, FAILED_PERM or UNKNOWN)."""
+        setattr(self, _COUNTER[status], getattr(self, _COUNTER[status]) + 1)
+
     @property
     def done(self) -> int:
         return self.sent + self.failed_temp + self.failed_perm + self.unknown + self.skipped
@@ -73,6 +76,10 @@ class Progress:
     def rate(self) -> float:
         elapsed = time.monotonic() - self.started
         return self.done / elapsed if elapsed > 0 else 0.0
+
+
+_COUNTER = {DeliveryStatus.SENT: "sent", DeliveryStatus.FAILED_TEMP: "failed_temp",
+            DeliveryStatus.FAILED_PERM: "failed_perm", DeliveryStatus.UNKNOWN: "unknown"}
 
 
 @dataclass
@@ -129,8 +136,6 @@ class _Ledger:
         marks, future = self.pending, self.future
         self.pending, self.future = [], None
         assert future is not None
-        if future.cancelled():  # cannot happen while begin() shields it; be safe anyway
-            future = self.loop.create_future()
         try:
             # Synchronous on purpose: SQLite commits take microseconds, and running it here
             # keeps the order of marks equal to the order of events.
@@ -284,13 +289,8 @@ class Engine:
                 conn = await self.relay.connect()
             await conn.send(sender, rcpt, message.build(due.recipient))
         except DeliveryError as exc:
-            status = _STATUS_OF.get(type(exc), DeliveryStatus.FAILED_TEMP)
-            if isinstance(exc, PermanentDeliveryError):
-                progress.failed_perm += 1
-            elif isinstance(exc, UnknownOutcomeError):
-                progress.unknown += 1
-            else:
-                progress.failed_temp += 1
+            status = _status_of(exc)
+            progress.count(status)
             ledger.finish(due.delivery_id, status, str(exc)[:500])
             if len(report.errors) < 20:
                 report.errors.append((rcpt, str(exc)))
@@ -303,14 +303,15 @@ class Engine:
             state["relay_failures"] = 0
             return conn
         state["relay_failures"] = 0
-        progress.sent += 1
+        progress.count(DeliveryStatus.SENT)
         ledger.finish(due.delivery_id, DeliveryStatus.SENT)
         return conn
 
 
-_STATUS_OF: dict[type[DeliveryError], DeliveryStatus] = {
-    TemporaryDeliveryError: DeliveryStatus.FAILED_TEMP,
-    RelayError: DeliveryStatus.FAILED_TEMP,
-    PermanentDeliveryError: DeliveryStatus.FAILED_PERM,
-    UnknownOutcomeError: DeliveryStatus.UNKNOWN,
-}
+def _status_of(exc: DeliveryError) -> DeliveryStatus:
+    """The ledger status for a failure; subclasses count as their base class."""
+    if isinstance(exc, PermanentDeliveryError):
+        return DeliveryStatus.FAILED_PERM
+    if isinstance(exc, UnknownOutcomeError):
+        return DeliveryStatus.UNKNOWN
+    return DeliveryStatus.FAILED_TEMP  # TemporaryDeliveryError, RelayError, anything else

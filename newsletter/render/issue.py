@@ -41,6 +41,11 @@ def slot(name: str) -> str:
     return _SLOT_FMT.format(name)
 
 
+def fill_slots(text: str, values: dict[str, str]) -> str:
+    """Replace slot markers with values, for previews; sending splices bytes instead."""
+    return SLOT_RE.sub(lambda m: values[m.group(1)], text)
+
+
 @dataclass(frozen=True)
 class RenderedIssue:
     """The output of rendering: what is stored with a campaign and spliced per recipient."""

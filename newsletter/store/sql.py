@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConflictError, NotFoundError
+from ..headers import check_header_text
 from ..render.message import Recipient
 from .base import Batch, Campaign, DeliveryCounts, Due, MailingList, Mark, Member, RunStart
 from .schema import (
@@ -105,8 +106,6 @@ class SqlStore:
         if not SLUG_RE.match(slug):
             raise ConflictError(f"invalid list slug {slug!r}: use lowercase letters, digits, "
                                 "'-' and '_', starting with a letter or digit")
-        from ..headers import check_header_text
-
         name = check_header_text(name or slug, "list name")
         try:
             with self.engine.begin() as conn:
