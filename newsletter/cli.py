@@ -31,12 +31,15 @@ from rich.table import Table
 from . import __version__
 from .delivery.engine import Progress as SendProgress
 from .delivery.engine import RunReport
-from .errors import NewsletterError, NotFoundError
+from .errors import ConflictError, NewsletterError, NotFoundError
+from .render.templates import render_template
 from .service import Newsletter, SendPlan
 from .settings import Settings, load_settings
 from .store.imports import ImportReport, import_csv, normalize_email
 from .store.schema import MembershipStatus
 from .store.sql import NewMember
+from .subscriptions import SUPPORTED_LANGUAGES
+from .web.labels import labels as web_labels
 
 # soft_wrap: an error stays one line however narrow the terminal, so scripts can grep it.
 out = Console(highlight=False, soft_wrap=True)
@@ -110,10 +113,72 @@ def lists_create(
     slug: Annotated[str, typer.Argument(help="Short id, e.g. 'digest' (a-z, 0-9, - and _).")],
     name: Annotated[str | None, typer.Option(help="Display name; defaults to the slug.")] = None,
     description: Annotated[str, typer.Option(help="What the list is about.")] = "",
+    double_opt_in: Annotated[bool, typer.Option(
+        "--double-opt-in/--single-opt-in",
+        help="Web sign-ups confirm by email first (default) or join at once.")] = True,
+    public: Annotated[bool, typer.Option(
+        "--public/--private",
+        help="Public lists have a subscribe form and a public archive.")] = True,
+    language: Annotated[str, typer.Option(help="Language of its pages and mail: en or zh.")]
+    = "en",
+    welcome: Annotated[bool, typer.Option(
+        "--welcome/--no-welcome", help="Mail the welcome template to new subscribers.")] = False,
 ) -> None:
     """Create a subscriber list."""
-    mlist = _state.app.store.create_list(slug, name=name, description=description)
+    if language not in SUPPORTED_LANGUAGES:
+        raise ConflictError(f"--language must be one of {', '.join(SUPPORTED_LANGUAGES)}")
+    mlist = _state.app.store.create_list(slug, name=name, description=description,
+                                         double_opt_in=double_opt_in, public=public,
+                                         language=language, welcome=welcome)
     out.print(f"created list {mlist.slug} ({mlist.name})")
+
+
+@lists_app.command("show")
+def lists_show(slug: Annotated[str, typer.Argument(help="The list's slug.")]) -> None:
+    """Show a list's settings, counts, links and an embeddable subscribe form."""
+    nl = _state.app
+    mlist = nl.store.get_list(slug)
+    counts = next(c for m, c in nl.store.all_lists() if m.id == mlist.id)
+    base = nl.settings.base_url
+    out.print(f"[bold]{mlist.name}[/bold] ({mlist.slug})", highlight=False)
+    if mlist.description:
+        out.print(mlist.description, highlight=False)
+    out.print(f"opt-in: {'double' if mlist.double_opt_in else 'single'} · "
+              f"{'public' if mlist.public else 'private'} · language {mlist.language} · "
+              f"welcome mail {'on' if mlist.welcome else 'off'}", highlight=False)
+    out.print("members: " + ", ".join(f"{s.value} {counts.get(s, 0)}" for s in MembershipStatus),
+              highlight=False)
+    if mlist.public:
+        out.print(f"subscribe page: {base}/subscribe/{mlist.slug}", highlight=False)
+        out.print(f"archive: {base}/archive/{mlist.slug}/  (feed: "
+                  f"{base}/archive/{mlist.slug}/feed.atom)", highlight=False)
+        out.print("\nembeddable form (paste into any web page):", highlight=False)
+        snippet = render_template(nl.templates, "web/snippet.html.j2", mlist=mlist,
+                                  base_url=base, t=web_labels(mlist.language))
+        print(snippet.rstrip())
+    else:
+        out.print("private list: no public subscribe form or archive", highlight=False)
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on [web_host].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on [web_port].")] = None,
+) -> None:
+    """Serve the web side: unsubscribe, preferences, subscribe forms and the archive."""
+    import uvicorn
+
+    from .web.app import create_app
+
+    nl = _state.app
+    host = host or nl.settings.web_host
+    port = port if port is not None else nl.settings.web_port
+    if nl.capture_mode:
+        out.print(f"no SMTP relay configured: confirmation mail goes to the capture outbox "
+                  f"{nl.settings.outbox_dir}", highlight=False)
+    out.print(f"serving {nl.settings.base_url} on http://{host}:{port}", highlight=False)
+    uvicorn.run(create_app(nl), host=host, port=port, log_level="warning",
+                proxy_headers=True, server_header=False)
 
 
 @lists_app.command("ls")

@@ -32,6 +32,11 @@ from .store.sql import SqlStore
 log = logging.getLogger(__name__)
 
 
+def archive_path(issue: Issue) -> str:
+    """An issue's place in a list's archive: its number if it has one, else its key."""
+    return str(issue.number) if issue.number is not None else issue.key
+
+
 @dataclass
 class SendPlan:
     """What `send` is about to do, for the confirmation prompt and the summary."""
@@ -84,8 +89,21 @@ class Newsletter:
         label = f"{mlist.slug}.{self.settings.list_domain}"
         return ListInfo(name=mlist.name, list_id_header=format_address(mlist.name, label))
 
+    def archive_url(self, mlist: MailingList, issue: Issue | None = None) -> str:
+        """The list's web archive, or one issue's page in it. A private list's URL ends in
+        '?t=' for the reader's token (PreparedMessage appends it per recipient)."""
+        url = f"{self.settings.base_url}/archive/{mlist.slug}/"
+        if issue is not None:
+            url += archive_path(issue)
+            if not mlist.public:
+                url += "?t="
+        return url
+
     def prepare(self, rendered: RenderedIssue, lists: Sequence[MailingList], *,
-                campaign_id: int = 0, subject_prefix: str = "") -> PreparedMessage:
+                campaign_id: int = 0, subject_prefix: str = "",
+                issue: Issue | None = None) -> PreparedMessage:
+        """The message, ready to build per recipient; with `issue`, its "view in browser"
+        links point at the issue's archive page on each list."""
         s = self.settings
         return PreparedMessage(
             rendered, from_address=s.sender_email, from_name=s.sender_name,
@@ -93,6 +111,8 @@ class Newsletter:
             lists={m.id: self.list_info(m) for m in lists},
             message_id_domain=s.sender_domain, campaign_id=campaign_id,
             subject_prefix=subject_prefix,
+            web_urls={m.id: self.archive_url(m, issue) for m in lists} if issue else None,
+            web_token=self.signer.archive_token,
         )
 
     def build_files(self, path: Path, out_dir: Path) -> BuildResult:
@@ -100,11 +120,12 @@ class Newsletter:
         issue = load_issue(path)
         rendered = self.render(issue)
         sample_list = MailingList(0, "sample", "Sample list", "", None)  # type: ignore[arg-type]
-        message = self.prepare(rendered, [sample_list])
+        message = self.prepare(rendered, [sample_list], issue=issue)
         reader = Recipient(subscriber_id=0, list_id=0, email="reader@example.org",
                            name="Sample Reader")
         values = {"unsubscribe_url": message.unsubscribe_url(reader),
-                  "recipient_email": reader.email, "list_name": sample_list.name}
+                  "recipient_email": reader.email, "list_name": sample_list.name,
+                  "web_url": message.web_url(reader)}
         out_dir.mkdir(parents=True, exist_ok=True)
         result = BuildResult(out_dir / "issue.html", out_dir / "issue.txt", out_dir / "issue.eml",
                              0)
@@ -178,8 +199,11 @@ class Newsletter:
                   force_capture: bool = False) -> RunReport:
         """Send the planned campaign: through SMTP_URL, or the capture server if unset."""
         c = plan.campaign
-        rendered = RenderedIssue(c.subject, c.html, c.text, "")
-        message = self.prepare(rendered, plan.lists, campaign_id=c.id)
+        issue = Issue.model_validate_json(c.issue_json)
+        rendered = RenderedIssue(c.subject, c.html, c.text, issue.language)
+        message = self.prepare(rendered, plan.lists, campaign_id=c.id, issue=issue)
+        # The web version exists before the first mail that links to it goes out.
+        self.store.publish(c, number=issue.number, language=issue.language)
         relay_settings = None if force_capture else self.settings.relay
         capture = None
         if relay_settings is None:

@@ -123,6 +123,14 @@ class Settings(BaseSettings):
     var_dir: Path = Path("var")
     list_id_domain: str = ""
     batch_size: int = Field(default=500, ge=1, le=100_000)
+    # The web side (newsletter serve).
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8000, ge=0, le=65535)
+    confirm_valid_hours: float = Field(default=72.0, gt=0)
+    confirm_min_interval_minutes: float = Field(default=60.0, ge=0)
+    subscribe_limit_per_ip: int = Field(default=20, ge=1)
+    subscribe_limit_per_address: int = Field(default=5, ge=1)
+    subscribe_limit_window_minutes: float = Field(default=60.0, gt=0)
 
     @classmethod
     def settings_customise_sources(

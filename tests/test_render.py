@@ -81,7 +81,7 @@ def test_slots_are_present_in_both_parts() -> None:
     r = _render()
     for part in (r.html, r.text):
         assert {m.group(1) for m in SLOT_RE.finditer(part)} == {
-            "unsubscribe_url", "recipient_email", "list_name"}
+            "unsubscribe_url", "recipient_email", "list_name", "web_url"}
 
 
 def test_hostile_content_is_escaped() -> None:

@@ -19,7 +19,7 @@ from .markdown import TextRenderer, to_html, wrap
 from .templates import render_template
 
 # Slot markers: plain ASCII letters so neither autoescape, premailer nor lxml alter them.
-SLOTS = ("unsubscribe_url", "recipient_email", "list_name")
+SLOTS = ("unsubscribe_url", "recipient_email", "list_name", "web_url")
 _SLOT_FMT = "NLSLOT{}NLSLOT"
 SLOT_RE = re.compile(r"NLSLOT([a-z_]+)NLSLOT")
 
@@ -27,10 +27,12 @@ LABELS: dict[str, dict[str, str]] = {
     "en": {
         "contents": "In this issue", "number": "No. {n}", "source": "Source",
         "sent_to": "Sent to", "because": "you subscribed to", "unsubscribe": "Unsubscribe",
+        "view_online": "View in browser",
     },
     "zh": {
         "contents": "本期目录", "number": "第 {n} 期", "source": "来源",
         "sent_to": "收件人", "because": "您订阅了", "unsubscribe": "退订",
+        "view_online": "在浏览器中查看",
     },
 }
 
@@ -56,12 +58,12 @@ class RenderedIssue:
     language: str
 
 
-def render_issue(
-    issue: Issue, env: jinja2.Environment, *, brand_name: str, postal_address: str,
-    text_width: int = 72,
-) -> RenderedIssue:
-    """Jinja once for HTML and once for text, then premailer once; returns slotted output."""
-    labels = LABELS.get(issue.language.split("-")[0].lower(), LABELS["en"])
+def labels_for(language: str) -> dict[str, str]:
+    return LABELS.get(language.split("-")[0].lower(), LABELS["en"])
+
+
+def issue_context(issue: Issue, *, text_width: int = 72) -> dict[str, Any]:
+    """What the issue templates (email and web) are given about the issue itself."""
     texts = TextRenderer(width=text_width)
     sections: list[dict[str, Any]] = []
     for s_index, section in enumerate(issue.sections, start=1):
@@ -86,20 +88,34 @@ def render_issue(
             "title_text": wrap(section.title.upper() if section.title.isascii() else section.title,
                                text_width),
         })
+    return {"issue": issue, "subject": issue.effective_subject, "sections": sections,
+            "labels": labels_for(issue.language)}
+
+
+def render_issue(
+    issue: Issue, env: jinja2.Environment, *, brand_name: str, postal_address: str,
+    text_width: int = 72,
+) -> RenderedIssue:
+    """Jinja once for HTML and once for text, then premailer once; returns slotted output."""
     context: dict[str, Any] = {
-        "issue": issue, "subject": issue.effective_subject, "sections": sections,
-        "labels": labels, "brand_name": brand_name, "postal_address": postal_address,
+        **issue_context(issue, text_width=text_width),
+        "brand_name": brand_name, "postal_address": postal_address,
         **{name: slot(name) for name in SLOTS},
     }
     html = render_template(env, "email/issue.html.j2", **context)
     text = render_template(env, "email/issue.txt.j2", **context)
+    return finish_rendering(issue.effective_subject, html, text, issue.language)
+
+
+def finish_rendering(subject: str, html: str, text: str, language: str) -> RenderedIssue:
+    """Inline the CSS, tidy the text, and check the unsubscribe link is in both parts."""
     html = inline_css(html)
     text = re.sub(r"\n{3,}", "\n\n", text.replace("\r", "")).strip() + "\n"
     for part_name, part in (("HTML", html), ("text", text)):
         if slot("unsubscribe_url") not in part:
             raise RenderError(f"the {part_name} template must show the unsubscribe URL "
                               "({{ unsubscribe_url }})")
-    return RenderedIssue(issue.effective_subject, html, text, issue.language)
+    return RenderedIssue(subject, html, text, language)
 
 
 def inline_css(html: str) -> str:

@@ -122,8 +122,17 @@ class PreparedMessage:
         self, rendered: RenderedIssue, *, from_address: str, from_name: str, base_url: str,
         unsubscribe_token: Callable[[int, int], str], lists: dict[int, ListInfo],
         message_id_domain: str, campaign_id: int = 0, subject_prefix: str = "",
+        web_urls: dict[int, str] | None = None,
+        web_token: Callable[[int, int], str] | None = None,
     ) -> None:
+        """web_urls: each list's URL of this issue's web version (default: base_url). A URL
+        ending in "?t=" is a private archive's: web_token(subscriber, list) is appended."""
         self.from_address = from_address
+        self._base_url = base_url.rstrip("/") + "/"
+        self._web_urls = web_urls or {}
+        self._web_token = web_token
+        # Encoded web-version URL per public list: the same for every recipient of that list.
+        self._web_cache: dict[int, tuple[bytes, bytes]] = {}
         self._token = unsubscribe_token
         self._unsub_base = base_url.rstrip("/") + "/unsubscribe/"
         self._domain = message_id_domain
@@ -174,6 +183,24 @@ class PreparedMessage:
             self._list_headers[list_id] = cached
         return cached
 
+    def web_url(self, recipient: Recipient) -> str:
+        """The issue's web version for this recipient (with a reader token if private)."""
+        url = self._web_urls.get(recipient.list_id, self._base_url)
+        if self._web_token is not None and url.endswith("?t="):
+            url += self._web_token(recipient.subscriber_id, recipient.list_id)
+        return url
+
+    def _web_slot(self, recipient: Recipient) -> tuple[bytes, bytes]:
+        cached = self._web_cache.get(recipient.list_id)
+        if cached is not None:
+            return cached
+        url = self.web_url(recipient)
+        plain = qp_slot(url)
+        pair = (plain, _for_html(url, plain))
+        if url == self._web_urls.get(recipient.list_id, self._base_url):  # no per-reader token
+            self._web_cache[recipient.list_id] = pair
+        return pair
+
     def unsubscribe_url(self, recipient: Recipient) -> str:
         return self._unsub_base + self._token(recipient.subscriber_id, recipient.list_id)
 
@@ -192,11 +219,12 @@ class PreparedMessage:
             names = self._list_names[recipient.list_id] = (plain, _for_html(name, plain))
         url_qp = qp_slot(url)
         email_qp = qp_slot(recipient.email)
+        web = self._web_slot(recipient)
         text_values = {"unsubscribe_url": url_qp, "recipient_email": email_qp,
-                       "list_name": names[0]}
+                       "list_name": names[0], "web_url": web[0]}
         html_values = {"unsubscribe_url": _for_html(url, url_qp),
                        "recipient_email": _for_html(recipient.email, email_qp),
-                       "list_name": names[1]}
+                       "list_name": names[1], "web_url": web[1]}
         head = (
             f"To: {format_address(recipient.name, recipient.email)}\r\n"
             + f"Message-ID: {self.message_id(recipient)}\r\n"

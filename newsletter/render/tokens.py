@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import hmac
 import struct
+import time
 from enum import IntEnum
 
 from ..errors import NewsletterError
@@ -25,10 +26,15 @@ class TokenError(NewsletterError):
     """A token is malformed, tampered with, signed with an unknown key, or for another use."""
 
 
+class TokenExpiredError(TokenError):
+    """A genuine token whose validity ended (confirmation links expire)."""
+
+
 class Purpose(IntEnum):
     UNSUBSCRIBE = 1
     PREFERENCES = 2
     CONFIRM = 3
+    ARCHIVE = 4   # lets a subscriber of a private list read its web archive
 
 
 class TokenSigner:
@@ -73,4 +79,29 @@ class TokenSigner:
 
     def read_unsubscribe_token(self, token: str) -> tuple[int, int]:
         sid, lid = self.verify(token, Purpose.UNSUBSCRIBE, 2)
+        return sid, lid
+
+    def preferences_token(self, subscriber_id: int) -> str:
+        return self.sign(Purpose.PREFERENCES, subscriber_id)
+
+    def read_preferences_token(self, token: str) -> int:
+        return self.verify(token, Purpose.PREFERENCES, 1)[0]
+
+    def archive_token(self, subscriber_id: int, list_id: int) -> str:
+        return self.sign(Purpose.ARCHIVE, subscriber_id, list_id)
+
+    def read_archive_token(self, token: str) -> tuple[int, int]:
+        sid, lid = self.verify(token, Purpose.ARCHIVE, 2)
+        return sid, lid
+
+    def confirm_token(self, subscriber_id: int, list_id: int, *, valid_for: float,
+                      now: float | None = None) -> str:
+        """A double opt-in link's token; the expiry is inside the signed payload."""
+        expires = int((time.time() if now is None else now) + valid_for)
+        return self.sign(Purpose.CONFIRM, subscriber_id, list_id, expires)
+
+    def read_confirm_token(self, token: str, *, now: float | None = None) -> tuple[int, int]:
+        sid, lid, expires = self.verify(token, Purpose.CONFIRM, 3)
+        if (time.time() if now is None else now) > expires:
+            raise TokenExpiredError("this confirmation link has expired")
         return sid, lid

@@ -22,6 +22,10 @@ class MailingList:
     name: str
     description: str
     created_at: dt.datetime
+    double_opt_in: bool = True
+    public: bool = True
+    language: str = "en"
+    welcome: bool = False
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,40 @@ class Member:
     attributes: dict[str, Any]
     status: MembershipStatus
     created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    id: int
+    email: str
+    name: str
+    attributes: dict[str, Any]
+    created_at: dt.datetime
+
+    @property
+    def language(self) -> str | None:
+        lang = self.attributes.get("lang") or self.attributes.get("language")
+        return str(lang) if lang else None
+
+
+@dataclass(frozen=True)
+class ArchiveEntry:
+    """One issue as published in a list's web archive."""
+
+    id: int
+    list_id: int
+    issue_key: str
+    number: int | None
+    subject: str
+    language: str
+    issue_json: str
+    published_at: dt.datetime
+    views: int
+
+    @property
+    def path(self) -> str:
+        """The last part of its archive URL: the issue number, else its key."""
+        return str(self.number) if self.number is not None else self.issue_key
 
 
 @dataclass(frozen=True)

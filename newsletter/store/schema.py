@@ -65,6 +65,13 @@ lists = Table(
     Column("name", String(200), nullable=False),
     Column("description", Text, nullable=False, default=""),
     Column("created_at", TZ, nullable=False),
+    # New subscribers from the web form confirm by email first unless this is off.
+    Column("double_opt_in", Boolean, nullable=False, default=True, server_default="1"),
+    # Public lists have a subscribe form and a public archive; private ones have neither.
+    Column("public", Boolean, nullable=False, default=True, server_default="1"),
+    Column("language", String(16), nullable=False, default="en", server_default="en"),
+    # Send the welcome template when an address is confirmed (or joins a single opt-in list).
+    Column("welcome", Boolean, nullable=False, default=False, server_default="0"),
 )
 
 subscribers = Table(
@@ -76,6 +83,8 @@ subscribers = Table(
     Column("name", String(200), nullable=False, default=""),
     Column("attributes", JSON, nullable=False, default=dict),
     Column("created_at", TZ, nullable=False),
+    # When the last confirmation mail went to this address: at most one an hour.
+    Column("confirm_sent_at", TZ, nullable=True),
 )
 
 memberships = Table(
@@ -150,4 +159,22 @@ deliveries = Table(
     UniqueConstraint("campaign_id", "subscriber_id"),
     # Batches walk a campaign's due rows in id order; counts group by status.
     Index(None, "campaign_id", "status", "id"),
+)
+
+# The web archive: one entry per issue and list, created when the issue starts going out.
+archive = Table(
+    "archive", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("list_id", Integer, ForeignKey("lists.id", ondelete="CASCADE"), nullable=False),
+    Column("campaign_id", Integer, ForeignKey("campaigns.id", ondelete="SET NULL"),
+           nullable=True),
+    Column("issue_key", String(200), nullable=False),
+    Column("number", Integer, nullable=True),
+    Column("subject", Text, nullable=False),
+    Column("language", String(16), nullable=False),
+    Column("issue_json", Text, nullable=False),
+    Column("published_at", TZ, nullable=False),
+    Column("views", Integer, nullable=False, default=0, server_default="0"),
+    UniqueConstraint("list_id", "issue_key"),
+    Index(None, "list_id", "published_at"),
 )

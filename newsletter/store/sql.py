@@ -5,6 +5,7 @@ Queries are portable SQL (SQLite and PostgreSQL); each hot one says why it is sh
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -31,12 +32,24 @@ from sqlalchemy.exc import IntegrityError
 from ..errors import ConflictError, NotFoundError
 from ..headers import check_header_text
 from ..render.message import Recipient
-from .base import Batch, Campaign, DeliveryCounts, Due, MailingList, Mark, Member, RunStart
+from .base import (
+    ArchiveEntry,
+    Batch,
+    Campaign,
+    DeliveryCounts,
+    Due,
+    MailingList,
+    Mark,
+    Member,
+    RunStart,
+    Subscriber,
+)
 from .schema import (
     TZ,
     CampaignStatus,
     DeliveryStatus,
     MembershipStatus,
+    archive,
     campaign_lists,
     campaigns,
     deliveries,
@@ -101,8 +114,9 @@ class SqlStore:
 
     # --- lists -------------------------------------------------------------------------------
 
-    def create_list(self, slug: str, *, name: str | None = None, description: str = "") \
-            -> MailingList:
+    def create_list(self, slug: str, *, name: str | None = None, description: str = "",
+                    double_opt_in: bool = True, public: bool = True, language: str = "en",
+                    welcome: bool = False) -> MailingList:
         if not SLUG_RE.match(slug):
             raise ConflictError(f"invalid list slug {slug!r}: use lowercase letters, digits, "
                                 "'-' and '_', starting with a letter or digit")
@@ -110,7 +124,9 @@ class SqlStore:
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(lists).values(
-                    slug=slug, name=name, description=description, created_at=utcnow()))
+                    slug=slug, name=name, description=description, created_at=utcnow(),
+                    double_opt_in=double_opt_in, public=public, language=language,
+                    welcome=welcome))
         except IntegrityError:
             raise ConflictError(f"list {slug!r} already exists") from None
         return self.get_list(slug)
@@ -120,6 +136,13 @@ class SqlStore:
             row = conn.execute(select(lists).where(lists.c.slug == slug)).first()
         if row is None:
             raise NotFoundError(f"no list {slug!r}; create it with: newsletter lists create {slug}")
+        return _list(row)
+
+    def list_by_id(self, list_id: int) -> MailingList:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(lists).where(lists.c.id == list_id)).first()
+        if row is None:
+            raise NotFoundError(f"no list with id {list_id}")
         return _list(row)
 
     def lists_by_id(self, ids: Iterable[int]) -> dict[int, MailingList]:
@@ -258,25 +281,165 @@ class SqlStore:
                                .where(subscribers.c.email_key == email.lower())).scalar()
             if sid is None:
                 raise NotFoundError(f"no subscriber {email}")
-            cond = [memberships.c.subscriber_id == sid, memberships.c.status != status]
-            if list_id is not None:
-                cond.append(memberships.c.list_id == list_id)
-            rows = conn.execute(select(memberships.c.list_id, memberships.c.status)
-                                .where(*cond)).all()
-            for r in rows:
-                conn.execute(update(memberships).where(
-                    memberships.c.subscriber_id == sid, memberships.c.list_id == r.list_id,
-                ).values(status=status, updated_at=now))
-                conn.execute(insert(membership_events).values(
-                    list_id=r.list_id, subscriber_id=sid, old_status=r.status, new_status=status,
-                    source=source, at=now))
-                if status != MembershipStatus.ACTIVE:
-                    conn.execute(update(deliveries).where(
-                        deliveries.c.subscriber_id == sid, deliveries.c.list_id == r.list_id,
-                        deliveries.c.status.in_([DeliveryStatus.QUEUED,
-                                                 DeliveryStatus.FAILED_TEMP]),
-                    ).values(status=DeliveryStatus.SKIPPED, updated_at=now))
-        return len(rows)
+            return len(_change_status(conn, sid, status, source=source, list_id=list_id,
+                                      now=now))
+
+    def set_membership(self, subscriber_id: int, list_id: int | None, status: MembershipStatus,
+                       *, source: str, create: bool = False) -> dict[int, str | None]:
+        """Set one subscriber's status on one list (or all, with list_id None).
+
+        Returns {list_id: previous status} for what changed (None: was not on the list, with
+        create=True). Idempotent: asking for the status already held changes nothing.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            changed: dict[int, str | None] = dict(_change_status(
+                conn, subscriber_id, status, source=source, list_id=list_id, now=now))
+            if create and list_id is not None and list_id not in changed:
+                present = conn.execute(select(memberships.c.status).where(
+                    memberships.c.subscriber_id == subscriber_id,
+                    memberships.c.list_id == list_id)).first()
+                if present is None:
+                    conn.execute(insert(memberships).values(
+                        list_id=list_id, subscriber_id=subscriber_id, status=status,
+                        created_at=now, updated_at=now))
+                    conn.execute(insert(membership_events).values(
+                        list_id=list_id, subscriber_id=subscriber_id, old_status=None,
+                        new_status=status, source=source, at=now))
+                    changed[list_id] = None
+        return changed
+
+    def get_subscriber(self, subscriber_id: int) -> Subscriber:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(subscribers)
+                               .where(subscribers.c.id == subscriber_id)).first()
+        if row is None:
+            raise NotFoundError(f"no subscriber with id {subscriber_id}")
+        return _subscriber(row)
+
+    def find_subscriber(self, email: str) -> Subscriber | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(subscribers)
+                               .where(subscribers.c.email_key == email.lower())).first()
+        return None if row is None else _subscriber(row)
+
+    def add_subscriber(self, email: str, *, name: str = "",
+                       attributes: dict[str, Any] | None = None) -> Subscriber:
+        """The subscriber with this address, created if new (name and attributes then set)."""
+        existing = self.find_subscriber(email)
+        if existing is not None:
+            return existing
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(subscribers).values(
+                    email=email, email_key=email.lower(), name=check_header_text(name, "name"),
+                    attributes=attributes or {}, created_at=utcnow()))
+        except IntegrityError:
+            pass  # created meanwhile by another request: use that one
+        found = self.find_subscriber(email)
+        assert found is not None
+        return found
+
+    def status_on(self, subscriber_id: int, list_id: int) -> MembershipStatus | None:
+        with self.engine.connect() as conn:
+            status = conn.execute(select(memberships.c.status).where(
+                memberships.c.subscriber_id == subscriber_id,
+                memberships.c.list_id == list_id)).scalar()
+        return None if status is None else MembershipStatus(status)
+
+    def memberships_of(self, subscriber_id: int) -> list[tuple[MailingList, MembershipStatus]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(lists, memberships.c.status.label("membership_status"))
+                .join(memberships, memberships.c.list_id == lists.c.id)
+                .where(memberships.c.subscriber_id == subscriber_id)
+                .order_by(lists.c.name)
+            ).all()
+        return [(_list(r), MembershipStatus(r.membership_status)) for r in rows]
+
+    def history(self, subscriber_id: int) -> list[dict[str, Any]]:
+        """Every status change of this subscriber, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(membership_events, lists.c.slug)
+                .join(lists, lists.c.id == membership_events.c.list_id)
+                .where(membership_events.c.subscriber_id == subscriber_id)
+                .order_by(membership_events.c.id)
+            ).all()
+        return [{"list": r.slug, "from": r.old_status, "to": r.new_status, "source": r.source,
+                 "at": r.at} for r in rows]
+
+    def take_confirm_slot(self, subscriber_id: int, *, every: dt.timedelta) -> bool:
+        """Reserve the right to mail a confirmation now: at most one per `every` per address.
+
+        A conditional update, so two requests at once cannot both win.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(subscribers).where(
+                subscribers.c.id == subscriber_id,
+                subscribers.c.confirm_sent_at.is_(None)
+                | (subscribers.c.confirm_sent_at <= now - every),
+            ).values(confirm_sent_at=now)).rowcount)
+
+    def release_confirm_slot(self, subscriber_id: int) -> None:
+        """The confirmation could not be sent: let the next request try again."""
+        with self.engine.begin() as conn:
+            conn.execute(update(subscribers).where(subscribers.c.id == subscriber_id)
+                         .values(confirm_sent_at=None))
+
+    # --- the web archive ---------------------------------------------------------------------
+
+    def publish(self, campaign: Campaign, *, number: int | None, language: str) -> None:
+        """Put a campaign's issue in the archive of each of its lists (once per list)."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            have = set(conn.execute(select(archive.c.list_id).where(
+                archive.c.issue_key == campaign.issue_key,
+                archive.c.list_id.in_(campaign.list_ids))).scalars())
+            rows = [{"list_id": lid, "campaign_id": campaign.id, "issue_key": campaign.issue_key,
+                     "number": number, "subject": campaign.subject, "language": language,
+                     "issue_json": campaign.issue_json, "published_at": now}
+                    for lid in campaign.list_ids if lid not in have]
+            if rows:
+                conn.execute(insert(archive), rows)
+
+    def archive_entries(self, list_id: int, *, limit: int = 500) -> list[ArchiveEntry]:
+        """A list's archive, newest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(archive).where(archive.c.list_id == list_id)
+                                .order_by(archive.c.published_at.desc(), archive.c.id.desc())
+                                .limit(limit)).all()
+        return [_archive_entry(r) for r in rows]
+
+    def archive_entry(self, list_id: int, path: str, *, count_view: bool = False) \
+            -> tuple[ArchiveEntry, ArchiveEntry | None, ArchiveEntry | None]:
+        """The entry at an archive path (number or key) with its previous and next entries."""
+        cond = (archive.c.number == int(path)) if path.isdigit() else (archive.c.issue_key == path)
+        with self.engine.begin() as conn:
+            row = conn.execute(select(archive).where(archive.c.list_id == list_id, cond)
+                               .order_by(archive.c.id.desc())).first()
+            if row is None:
+                raise NotFoundError(f"no issue {path!r} in this archive")
+            if count_view:
+                conn.execute(update(archive).where(archive.c.id == row.id)
+                             .values(views=archive.c.views + 1))
+            order = (archive.c.published_at, archive.c.id)
+            older = conn.execute(select(archive).where(
+                archive.c.list_id == list_id,
+                (archive.c.published_at < row.published_at)
+                | ((archive.c.published_at == row.published_at) & (archive.c.id < row.id)),
+            ).order_by(order[0].desc(), order[1].desc()).limit(1)).first()
+            newer = conn.execute(select(archive).where(
+                archive.c.list_id == list_id,
+                (archive.c.published_at > row.published_at)
+                | ((archive.c.published_at == row.published_at) & (archive.c.id > row.id)),
+            ).order_by(*order).limit(1)).first()
+        entry = _archive_entry(row)
+        if count_view:
+            entry = dataclasses.replace(entry, views=entry.views + 1)
+        return (entry, _archive_entry(older) if older else None,
+                _archive_entry(newer) if newer else None)
 
     # --- campaigns ---------------------------------------------------------------------------
 
@@ -448,6 +611,29 @@ class SqlStore:
         return [(r.email, r.last_error or "") for r in rows]
 
 
+def _change_status(conn: Connection, sid: int, status: MembershipStatus, *, source: str,
+                   list_id: int | None, now: dt.datetime) -> list[tuple[int, str]]:
+    """Move a subscriber's memberships to status; returns (list_id, old status) changed."""
+    cond = [memberships.c.subscriber_id == sid, memberships.c.status != status]
+    if list_id is not None:
+        cond.append(memberships.c.list_id == list_id)
+    rows = conn.execute(select(memberships.c.list_id, memberships.c.status).where(*cond)).all()
+    for r in rows:
+        conn.execute(update(memberships).where(
+            memberships.c.subscriber_id == sid, memberships.c.list_id == r.list_id,
+        ).values(status=status, updated_at=now))
+        conn.execute(insert(membership_events).values(
+            list_id=r.list_id, subscriber_id=sid, old_status=r.status, new_status=status,
+            source=source, at=now))
+        if status != MembershipStatus.ACTIVE:
+            # Honoured by a running send for every message not yet handed to the relay.
+            conn.execute(update(deliveries).where(
+                deliveries.c.subscriber_id == sid, deliveries.c.list_id == r.list_id,
+                deliveries.c.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.FAILED_TEMP]),
+            ).values(status=DeliveryStatus.SKIPPED, updated_at=now))
+    return [(r.list_id, r.status) for r in rows]
+
+
 def _audience(list_ids: Sequence[int], *, issue_key: str | None,
               exclude_campaign: int | None) -> Select[Any]:
     """(subscriber_id, list_id) of everyone a campaign to these lists is for.
@@ -485,7 +671,18 @@ def _campaign_list_ids(conn: Connection, campaign_id: int) -> tuple[int, ...]:
 
 
 def _list(row: Row[Any]) -> MailingList:
-    return MailingList(row.id, row.slug, row.name, row.description, row.created_at)
+    return MailingList(row.id, row.slug, row.name, row.description, row.created_at,
+                       double_opt_in=bool(row.double_opt_in), public=bool(row.public),
+                       language=row.language, welcome=bool(row.welcome))
+
+
+def _subscriber(row: Row[Any]) -> Subscriber:
+    return Subscriber(row.id, row.email, row.name, row.attributes or {}, row.created_at)
+
+
+def _archive_entry(row: Row[Any]) -> ArchiveEntry:
+    return ArchiveEntry(row.id, row.list_id, row.issue_key, row.number, row.subject,
+                        row.language, row.issue_json, row.published_at, row.views)
 
 
 def _campaign(row: Row[Any], list_ids: tuple[int, ...]) -> Campaign:

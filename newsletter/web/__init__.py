@@ -1,0 +1,1 @@
+"""The web side served by `newsletter serve`: subscriber pages and the archive."""
