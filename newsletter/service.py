@@ -101,12 +101,14 @@ class Newsletter:
 
     def prepare(self, rendered: RenderedIssue, lists: Sequence[MailingList], *,
                 campaign_id: int = 0, subject_prefix: str = "",
-                issue: Issue | None = None) -> PreparedMessage:
+                issue: Issue | None = None,
+                sender: tuple[str, str] | None = None) -> PreparedMessage:
         """The message, ready to build per recipient; with `issue`, its "view in browser"
         links point at the issue's archive page on each list."""
         s = self.settings
+        from_name, from_address = sender or (s.sender_name, s.sender_email)
         return PreparedMessage(
-            rendered, from_address=s.sender_email, from_name=s.sender_name,
+            rendered, from_address=from_address, from_name=from_name,
             base_url=s.base_url, unsubscribe_token=self.signer.unsubscribe_token,
             lists={m.id: self.list_info(m) for m in lists},
             message_id_domain=s.sender_domain, campaign_id=campaign_id,

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -112,6 +120,9 @@ class Settings(BaseSettings):
     from_address: str = Field(
         default="Digest <digest@example.org>", validation_alias=AliasChoices("NEWSLETTER_FROM"),
     )
+    # Sender of confirmation mail (transactional, kept apart from the issues' stream);
+    # empty: the same as `from`.
+    transactional_from: str = ""
     base_url: str = "http://localhost:8000"
     secret_key: SecretStr | None = None
     old_secret_keys: list[SecretStr] = Field(default_factory=list)
@@ -150,9 +161,11 @@ class Settings(BaseSettings):
             sources.append(_TomlSource(settings_cls, toml_file=path))
         return tuple(sources)
 
-    @field_validator("from_address")
+    @field_validator("from_address", "transactional_from")
     @classmethod
-    def _check_from(cls, value: str) -> str:
+    def _check_from(cls, value: str, info: ValidationInfo) -> str:
+        if info.field_name == "transactional_from" and not value.strip():
+            return ""
         from email_validator import EmailNotValidError, validate_email
 
         check_header_text(value, "")
@@ -160,13 +173,13 @@ class Settings(BaseSettings):
         if "@" not in addr:
             raise ValueError(f"no valid address in {value!r}; expected 'Name <user@domain>'")
         try:
-            info = validate_email(addr, check_deliverability=False)
+            valid = validate_email(addr, check_deliverability=False)
         except EmailNotValidError as exc:
             raise ValueError(f"{addr}: {exc}") from None
-        if info.ascii_email is None:
+        if valid.ascii_email is None:
             raise ValueError(f"{addr}: a non-ASCII local part cannot be a sender address")
         # An internationalised domain is kept in its ASCII (punycode) form for the headers.
-        return formataddr((name, info.ascii_email)) if name else info.ascii_email
+        return formataddr((name, valid.ascii_email)) if name else valid.ascii_email
 
     @field_validator("list_id_domain")
     @classmethod
@@ -228,6 +241,12 @@ class Settings(BaseSettings):
     @property
     def sender_email(self) -> str:
         return parseaddr(self.from_address)[1]
+
+    @property
+    def transactional_sender(self) -> tuple[str, str]:
+        """(name, address) for confirmation mail."""
+        name, addr = parseaddr(self.transactional_from or self.from_address)
+        return name, addr
 
     @property
     def sender_domain(self) -> str:

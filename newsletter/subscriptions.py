@@ -299,7 +299,7 @@ class Subscriptions:
         url = self.nl.settings.base_url + "/confirm/" + token
         rendered = self.render_mail("confirm", sub, mlist, confirm_url=url,
                                     valid_hours=f"{hours:g}")
-        await self._send(rendered, sub, mlist)
+        await self._send(rendered, sub, mlist, transactional=True)
 
     async def send_welcome(self, sub: Subscriber, mlist: MailingList) -> None:
         prefs = self.nl.settings.base_url + "/preferences/" + self.signer.preferences_token(
@@ -309,9 +309,11 @@ class Subscriptions:
                                     archive_url=archive)
         await self._send(rendered, sub, mlist)
 
-    async def _send(self, rendered: RenderedIssue, sub: Subscriber, mlist: MailingList) -> None:
+    async def _send(self, rendered: RenderedIssue, sub: Subscriber, mlist: MailingList, *,
+                    transactional: bool = False) -> None:
         """One message through the relay, built by the same PreparedMessage as issues."""
-        message = self.nl.prepare(rendered, [mlist])
+        sender = self.nl.settings.transactional_sender if transactional else None
+        message = self.nl.prepare(rendered, [mlist], sender=sender)
         data = message.build(Recipient(sub.id, mlist.id, sub.email, sub.name))
         connection = await self.relay.connect()
         try:

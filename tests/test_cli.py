@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import html5lib
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -128,3 +129,20 @@ def test_demo_runs_twice_in_a_fresh_directory(tmp_path: Path) -> None:
     assert len(list(outbox.iterdir())) == n  # the second run started from a fresh workspace
     assert (tmp_path / "var" / "demo" / "build" / "issue.html").is_file()
     assert str(outbox) in out
+
+
+def test_lists_create_flags_and_show_with_embeddable_form(env: SmtpTestServer) -> None:
+    _ok("lists", "create", "briefs", "--name", "Policy Briefs", "--single-opt-in",
+        "--language", "zh", "--welcome")
+    _ok("lists", "create", "board", "--private")
+    shown = _ok("lists", "show", "briefs")
+    assert "opt-in: single" in shown and "public" in shown and "language zh" in shown
+    assert "https://news.example.org/subscribe/briefs" in shown
+    form = shown[shown.index("<form"):shown.index("</form>") + 7]
+    html5lib.parse(form)  # well-formed enough to paste
+    assert 'action="https://news.example.org/subscribe/briefs"' in form
+    assert 'name="email"' in form and 'name="website"' in form  # the honeypot comes along
+    private = _ok("lists", "show", "board")
+    assert "private list" in private and "<form" not in private
+    bad = runner.invoke(app, ["lists", "create", "x", "--language", "fr"])
+    assert bad.exit_code != 0 and "language" in str(bad.exception)

@@ -470,3 +470,17 @@ def test_serve_command_answers_over_a_real_socket(tmp_path: Path, settings: Sett
         proc.terminate()
         out = proc.communicate(timeout=15)[0].decode()
     assert "serving" in out
+
+
+def test_confirmation_mail_comes_from_the_transactional_sender(
+    tmp_path: Path, smtpd: SmtpTestServer,
+) -> None:
+    nl = Newsletter(make_settings(tmp_path, smtp_url=smtpd.url,
+                                  transactional_from="Sign-ups <signup@example.org>"))
+    nl.store.create_list("news")
+    with TestClient(create_app(nl)) as c:
+        c.post("/subscribe/news", data={"email": "t@example.com"})
+    (mail,) = smtpd.messages
+    assert mail.mail_from == "signup@example.org"
+    parsed = email.message_from_bytes(mail.data, policy=email.policy.default)
+    assert str(parsed["From"]) == "Sign-ups <signup@example.org>"

@@ -415,10 +415,15 @@ class SqlStore:
     def archive_entry(self, list_id: int, path: str, *, count_view: bool = False) \
             -> tuple[ArchiveEntry, ArchiveEntry | None, ArchiveEntry | None]:
         """The entry at an archive path (number or key) with its previous and next entries."""
-        cond = (archive.c.number == int(path)) if path.isdigit() else (archive.c.issue_key == path)
         with self.engine.begin() as conn:
-            row = conn.execute(select(archive).where(archive.c.list_id == list_id, cond)
-                               .order_by(archive.c.id.desc())).first()
+            row = None
+            if path.isdigit() and len(path) < 10:
+                row = conn.execute(select(archive).where(
+                    archive.c.list_id == list_id, archive.c.number == int(path),
+                ).order_by(archive.c.id.desc())).first()
+            if row is None:  # not a number, or an issue whose key is all digits
+                row = conn.execute(select(archive).where(
+                    archive.c.list_id == list_id, archive.c.issue_key == path)).first()
             if row is None:
                 raise NotFoundError(f"no issue {path!r} in this archive")
             if count_view:
