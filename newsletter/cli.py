@@ -166,11 +166,14 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to listen on [web_port].")] = None,
 ) -> None:
     """Serve the web side: unsubscribe, preferences, subscribe forms and the archive."""
+    _serve(_state.app, host, port)
+
+
+def _serve(nl: Newsletter, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from .web.app import create_app
 
-    nl = _state.app
     host = host or nl.settings.web_host
     port = port if port is not None else nl.settings.web_port
     if nl.capture_mode:
@@ -437,6 +440,8 @@ def _find_sample(relative: str) -> Path:
 def demo(
     workspace: Annotated[Path, typer.Option(help="Where the demo keeps its files.")]
     = Path("var/demo"),
+    serve_after: Annotated[bool, typer.Option(
+        "--serve", help="Then serve the web pages, so the captured mail's links work.")] = False,
 ) -> None:
     """Send the sample issue to a sample list through the capture server, in a fresh workspace."""
     issue_file = _find_sample("examples/issues/sample.md")
@@ -469,6 +474,11 @@ def demo(
         out.print(f"One message:    {captured[0].resolve()}")
     if report.aborted:
         raise typer.Exit(1)
+    if serve_after:
+        _serve(nl, None, None)
+    else:
+        out.print("Web pages:      run 'newsletter demo --serve' to open the archive and the "
+                  "unsubscribe links of these messages", highlight=False)
 
 
 @app.command("settings")
