@@ -122,31 +122,32 @@ class Subscriptions:
 
     # --- unsubscribe -------------------------------------------------------------------------
 
-    def _unsubscribe_target(self, token: str) -> tuple[Subscriber, MailingList]:
+    def _target(self, token: str) -> tuple[Subscriber, MailingList, MembershipStatus | None]:
         sid, lid = self.signer.read_unsubscribe_token(token)
         try:
-            return self.store.get_subscriber(sid), self.store.list_by_id(lid)
+            return self.store.subscription(sid, lid)
         except NotFoundError:
             # Signed by us but the subscriber or list is gone (erased): same as a bad link.
             raise TokenError("this link no longer points to a subscription") from None
 
     def unsubscribe_view(self, token: str) -> UnsubscribeView:
         """What the unsubscribe page shows; changes nothing (scanners fetch it)."""
-        sub, mlist = self._unsubscribe_target(token)
-        return UnsubscribeView(sub, mlist, self.store.status_on(sub.id, mlist.id))
+        return UnsubscribeView(*self._target(token))
 
     def unsubscribe(self, token: str, source: Source) -> UnsubscribeView:
-        """Leave the token's list now; idempotent. Queued deliveries to the address are skipped."""
+        """Leave the token's list now; idempotent. Queued deliveries to the address are
+        skipped in the same transaction, so a running send honours it."""
         sid, lid = self.signer.read_unsubscribe_token(token)
-        changed = self.store.set_membership(sid, lid, MembershipStatus.UNSUBSCRIBED,
-                                            source=source)
-        sub, mlist = self._unsubscribe_target(token)
-        return UnsubscribeView(sub, mlist, self.store.status_on(sid, lid), changed=bool(changed))
+        try:
+            sub, mlist, status, changed = self.store.leave(sid, lid, source=source)
+        except NotFoundError:
+            raise TokenError("this link no longer points to a subscription") from None
+        return UnsubscribeView(sub, mlist, status, changed=changed)
 
     def resubscribe(self, token: str) -> UnsubscribeView:
         """Undo an unsubscribe from the confirmation page (the token proves the mailbox)."""
-        sub, mlist = self._unsubscribe_target(token)
-        if self.store.status_on(sub.id, mlist.id) is None:
+        sub, mlist, status = self._target(token)
+        if status is None:
             return UnsubscribeView(sub, mlist, None)
         changed = self.store.set_membership(sub.id, mlist.id, MembershipStatus.ACTIVE,
                                             source=Source.PAGE)

@@ -20,8 +20,13 @@ def _autoescape(name: str | None) -> bool:
     return not (name or "").endswith((".txt", ".txt.j2"))
 
 
-def make_environment(templates_dir: Path | None = None) -> jinja2.Environment:
-    """A user's templates_dir overrides ours file by file; the rest falls back to ours."""
+def make_environment(templates_dir: Path | None = None, *,
+                     auto_reload: bool = True) -> jinja2.Environment:
+    """A user's templates_dir overrides ours file by file; the rest falls back to ours.
+
+    auto_reload=False skips a stat() of the template file per render: for servers, where
+    a template change is deployed with a restart.
+    """
     search = [str(builtin_templates_dir())]
     if templates_dir is not None:
         if not templates_dir.is_dir():
@@ -34,6 +39,7 @@ def make_environment(templates_dir: Path | None = None) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        auto_reload=auto_reload,
     )
 
 

@@ -159,6 +159,8 @@ deliveries = Table(
     UniqueConstraint("campaign_id", "subscriber_id"),
     # Batches walk a campaign's due rows in id order; counts group by status.
     Index(None, "campaign_id", "status", "id"),
+    # An unsubscribe skips the address's queued rows in every campaign: find them directly.
+    Index(None, "subscriber_id"),
 )
 
 # The web archive: one entry per issue and list, created when the issue starts going out.

@@ -22,7 +22,7 @@ from ..delivery.capture import CaptureServer
 from ..delivery.relay import Relay, SmtpRelayClient
 from ..errors import DeliveryError, NotFoundError
 from ..render.issue import issue_context
-from ..render.templates import render_template
+from ..render.templates import make_environment, render_template
 from ..render.tokens import TokenError, TokenExpiredError
 from ..service import Newsletter
 from ..store.base import ArchiveEntry, MailingList
@@ -59,6 +59,9 @@ class WebApp:
         self.capture: CaptureServer | None = None
         self._subs: Subscriptions | None = None
         self._issue_cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self.templates = make_environment(nl.settings.templates_dir, auto_reload=False)
+        self._common = {"site_name": nl.settings.sender_name,
+                        "postal_address": nl.settings.postal_address}
 
     @property
     def subs(self) -> Subscriptions:
@@ -91,9 +94,8 @@ class WebApp:
     def page(self, name: str, *, lang: str = "en", status: int = 200, cache: bool = False,
              **context: Any) -> HTMLResponse:
         t = labels(lang)
-        html = render_template(self.nl.templates, f"web/{name}.html.j2", t=t, lang=lang,
-                               site_name=self.nl.settings.sender_name,
-                               postal_address=self.nl.settings.postal_address, **context)
+        html = render_template(self.templates, f"web/{name}.html.j2", t=t, lang=lang,
+                               **self._common, **context)
         return HTMLResponse(html, status_code=status, headers=_HEADERS if cache else _NO_STORE)
 
     def invalid_link(self, exc: TokenError, lang: str = "en") -> HTMLResponse:
@@ -348,7 +350,7 @@ def create_app(nl: Newsletter, *, relay: Relay | None = None) -> FastAPI:
         items = [(e, web.rendered_issue(e)) for e in entries]
         base = nl.settings.base_url
         xml = render_template(
-            nl.templates, "web/feed.atom.j2", mlist=mlist, items=items, base_url=base,
+            web.templates, "web/feed.atom.j2", mlist=mlist, items=items, base_url=base,
             updated=format_iso(entries[0].published_at) if entries else format_iso(
                 mlist.created_at), format_iso=format_iso, t=labels(mlist.language))
         return Response(xml, media_type="application/atom+xml; charset=utf-8",

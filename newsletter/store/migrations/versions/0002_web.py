@@ -52,9 +52,13 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_archive_list_id_published_at"), "archive",
                     ["list_id", "published_at"], unique=False)
+    # An unsubscribe skips the address's queued ledger rows; without this it scanned them all.
+    op.create_index(op.f("ix_deliveries_subscriber_id"), "deliveries", ["subscriber_id"],
+                    unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_deliveries_subscriber_id"), table_name="deliveries")
     op.drop_index(op.f("ix_archive_list_id_published_at"), table_name="archive")
     op.drop_table("archive")
     with op.batch_alter_table("subscribers") as batch_op:
