@@ -493,13 +493,16 @@ def show_settings() -> None:
             value = "(set)" if value else "(not set)"
         elif name == "database_url":
             value = make_url(s.resolved_database_url).render_as_string(hide_password=True)
+        elif name == "relays":
+            value = [f"{r.label} ({r.smtp.describe()})" for r in value]
         elif isinstance(value, Path):
             value = str(value)
         key = "FROM" if name == "from_address" else name.upper()
         out.print(f"NEWSLETTER_{key} = {value!r}", markup=False)
-    out.print("capture mode: SMTP_URL unset, mail is stored in "
-              f"{s.outbox_dir}/" if s.relay is None else f"relay: {s.relay.describe()}",
-              markup=False)
+    relays = s.relay_configs()
+    out.print("capture mode: no relay set, mail is stored in "
+              f"{s.outbox_dir}/" if not relays else
+              "relays: " + ", ".join(r.smtp.describe() for r in relays), markup=False)
 
 
 def main() -> None:

@@ -9,13 +9,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from html import escape
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
+
+if TYPE_CHECKING:
+    from .delivery.dkim import DkimSigner
 
 from .content.model import Issue
 from .content.parse import load_issue
 from .delivery.capture import CaptureServer
-from .delivery.engine import Engine, Progress, RunReport, runner_is_dead
+from .delivery.engine import Engine, Progress, RelayPlan, RetryPolicy, RunReport, runner_is_dead
 from .delivery.relay import SmtpRelayClient
 from .errors import ConflictError
 from .headers import format_address
@@ -24,7 +28,7 @@ from .render.message import ListInfo, PreparedMessage, Recipient, undot
 from .render.templates import make_environment
 from .render.tokens import TokenSigner
 from .settings import Settings
-from .store.base import Campaign, DeliveryCounts, MailingList
+from .store.base import Campaign, DeliveryCounts, Due, MailingList
 from .store.db import make_engine, migrate
 from .store.schema import CampaignStatus, DeliveryStatus
 from .store.sql import SqlStore
@@ -197,34 +201,88 @@ class Newsletter:
                          "interrupted run are not resent")
         return SendPlan(campaign, mlists, new=False, due=due, notes=notes)
 
+    def relay_plans(self) -> list[RelayPlan]:
+        """The configured relays for this sender: those whose from_domains name its domain,
+        else those without from_domains, else all of them."""
+        configs = self.settings.relay_configs()
+        domain = self.settings.sender_domain
+        chosen = ([c for c in configs if domain in [d.lower() for d in c.from_domains]]
+                  or [c for c in configs if not c.from_domains] or configs)
+        return [RelayPlan(SmtpRelayClient(c.smtp, timeout=self.settings.smtp_timeout),
+                          name=c.label[:64], concurrency=c.concurrency, rate=c.rate,
+                          per_hour=c.per_hour, per_day=c.per_day) for c in chosen]
+
+    def engine(self, relays: Sequence[RelayPlan], *,
+               on_progress: Callable[[Progress], None] | None = None) -> Engine:
+        """The delivery engine with this installation's policies: retries, bounces, VERP,
+        DKIM."""
+        s = self.settings
+        return Engine(
+            self.store, relays, batch_size=s.batch_size, on_progress=on_progress,
+            max_relay_failures=s.relay_failure_limit or None,
+            cooldown=s.relay_cooldown_seconds,
+            retry=RetryPolicy(base=s.retry_base_seconds, max_interval=s.retry_max_interval_seconds,
+                              max_age=s.retry_max_age_hours * 3600, wait=s.retry_wait_seconds),
+            bounce_threshold=s.bounce_threshold,
+            envelope=self.verp_address if s.verp else None,
+            sign=self.dkim.sign if self.dkim is not None else None,
+        )
+
+    def verp_address(self, due: Due) -> str:
+        """bounce+TOKEN@domain: a bounce to it names the delivery it is about."""
+        local, _, domain = self.settings.bounce_mailbox.partition("@")
+        return f"{local}+{self.signer.bounce_token(due.delivery_id)}@{domain}"
+
+    @cached_property
+    def dkim(self) -> DkimSigner | None:
+        s = self.settings
+        if s.dkim_key_file is None:
+            return None
+        from .delivery.dkim import DkimSigner
+
+        return DkimSigner.from_file(s.dkim_key_file, selector=s.dkim_selector or "newsletter",
+                                    domain=s.dkim_domain or s.sender_domain)
+
     async def run(self, plan: SendPlan, *, on_progress: Callable[[Progress], None] | None = None,
-                  force_capture: bool = False) -> RunReport:
-        """Send the planned campaign: through SMTP_URL, or the capture server if unset."""
+                  force_capture: bool = False, retry_now: bool = True) -> RunReport:
+        """Send the planned campaign through the relays, or the capture server if none is set.
+
+        A paused campaign is resumed: its ledger says who still needs the issue.
+        """
         c = plan.campaign
         issue = Issue.model_validate_json(c.issue_json)
         rendered = RenderedIssue(c.subject, c.html, c.text, issue.language)
         message = self.prepare(rendered, plan.lists, campaign_id=c.id, issue=issue)
         # The web version exists before the first mail that links to it goes out.
         self.store.publish(c, number=issue.number, language=issue.language)
-        relay_settings = None if force_capture else self.settings.relay
+        self.store.unpause_campaign(c.id)
+        relays = [] if force_capture else self.relay_plans()
         capture = None
-        if relay_settings is None:
+        if not relays:
             capture = CaptureServer(self.settings.outbox_dir)
             await capture.start()
-            relay_settings = capture.relay
+            relays = [RelayPlan(SmtpRelayClient(capture.relay, timeout=self.settings.smtp_timeout),
+                                name="capture", concurrency=self.settings.send_concurrency,
+                                rate=self.settings.send_rate)]
         try:
-            engine = Engine(
-                self.store, SmtpRelayClient(relay_settings, timeout=self.settings.smtp_timeout),
-                concurrency=self.settings.send_concurrency, rate=self.settings.send_rate,
-                batch_size=self.settings.batch_size, on_progress=on_progress,
-            )
+            engine = self.engine(relays, on_progress=on_progress)
             current = self.store.get_campaign(c.id)
             return await engine.run(c.id, message, sender=self.settings.sender_email,
-                                    takeover=runner_is_dead(current.runner))
+                                    takeover=runner_is_dead(current.runner),
+                                    retry_now=retry_now)
         finally:
             if capture is not None:
                 await capture.stop()
 
+    def resume_plan(self, campaign_id: int) -> SendPlan:
+        """A plan that continues an existing campaign (resume, retry)."""
+        c = self.store.get_campaign(campaign_id)
+        if c.status == CampaignStatus.CANCELLED:
+            raise ConflictError(f"campaign {campaign_id} was cancelled")
+        mlists = list(self.store.lists_by_id(c.list_ids).values())
+        counts = self.store.delivery_counts(c.id)
+        return SendPlan(c, mlists, new=False, due=counts.remaining)
+
     @property
     def capture_mode(self) -> bool:
-        return self.settings.relay is None
+        return not self.settings.relay_configs()

@@ -95,6 +95,38 @@ class SmtpRelay(BaseModel):
         return f"smtp://{user}{self.host}:{self.port} ({tls})"
 
 
+class RelayConfig(BaseModel):
+    """One relay of `relays`: where, how many connections, how fast, for which senders."""
+
+    model_config = {"extra": "forbid"}
+
+    url: SecretStr
+    name: str = ""
+    concurrency: int = Field(default=8, ge=1, le=256)
+    rate: float = Field(default=0.0, ge=0)       # messages per second, 0: no limit
+    per_hour: int = Field(default=0, ge=0)       # messages per sliding hour, 0: no limit
+    per_day: int = Field(default=0, ge=0)        # messages per sliding day, 0: no limit
+    from_domains: list[str] = Field(default_factory=list)  # empty: any sender
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretStr) -> SecretStr:
+        SmtpRelay.from_url(value.get_secret_value())
+        return value
+
+    @property
+    def smtp(self) -> SmtpRelay:
+        return SmtpRelay.from_url(self.url.get_secret_value())
+
+    @property
+    def label(self) -> str:
+        """A name for messages, logs and the usage table; never the password."""
+        if self.name:
+            return self.name
+        r = self.smtp
+        return f"{r.host}:{r.port}"
+
+
 class Settings(BaseSettings):
     """All settings. Build with `load_settings()`, which turns errors into one line."""
 
@@ -134,6 +166,24 @@ class Settings(BaseSettings):
     var_dir: Path = Path("var")
     list_id_domain: str = ""
     batch_size: int = Field(default=500, ge=1, le=100_000)
+    # Several relays, each with its own limits; when empty, smtp_url with the send_* values.
+    relays: list[RelayConfig] = Field(default_factory=list)
+    send_per_hour: int = Field(default=0, ge=0)
+    send_per_day: int = Field(default=0, ge=0)
+    relay_failure_limit: int = Field(default=0, ge=0)   # 0: max(5, 2 x concurrency)
+    relay_cooldown_seconds: float = Field(default=60.0, ge=0)
+    retry_base_seconds: float = Field(default=60.0, ge=0)
+    retry_max_interval_seconds: float = Field(default=3600.0, ge=0)
+    retry_max_age_hours: float = Field(default=72.0, gt=0)
+    retry_wait_seconds: float = Field(default=300.0, ge=0)
+    bounce_threshold: int = Field(default=1, ge=1)
+    verp: bool = True
+    bounce_address: str = ""
+    bounce_host: str = "127.0.0.1"
+    bounce_port: int = Field(default=2525, ge=0, le=65535)
+    dkim_key_file: Path | None = None
+    dkim_selector: str = ""
+    dkim_domain: str = ""
     # The web side (newsletter serve).
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8000, ge=0, le=65535)
@@ -219,6 +269,19 @@ class Settings(BaseSettings):
             return value
         return None
 
+    @field_validator("bounce_address")
+    @classmethod
+    def _check_bounce_address(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        check_header_text(value, "")
+        local, at, domain = value.partition("@")
+        if not at or not local or "." not in domain or not value.isascii() or "+" in local:
+            raise ValueError("must be a plain ASCII address such as bounce@example.org "
+                             "(without '+': VERP adds '+TOKEN')")
+        return value.lower()
+
     @field_validator("postal_address")
     @classmethod
     def _check_postal(cls, value: str) -> str:
@@ -241,6 +304,21 @@ class Settings(BaseSettings):
     @property
     def sender_email(self) -> str:
         return parseaddr(self.from_address)[1]
+
+    def relay_configs(self) -> list[RelayConfig]:
+        """The relays to send through: `relays`, else one from smtp_url; [] = capture."""
+        if self.relays:
+            return list(self.relays)
+        if self.smtp_url is None:
+            return []
+        return [RelayConfig(url=self.smtp_url, concurrency=self.send_concurrency,
+                            rate=self.send_rate, per_hour=self.send_per_hour,
+                            per_day=self.send_per_day)]
+
+    @property
+    def bounce_mailbox(self) -> str:
+        """The address bounces go to; VERP turns 'bounce@d' into 'bounce+TOKEN@d'."""
+        return self.bounce_address or f"bounce@{self.sender_domain}"
 
     @property
     def transactional_sender(self) -> tuple[str, str]:
@@ -345,4 +423,5 @@ def load_settings(**overrides: Any) -> Settings:
 
 def _show_input(key: str) -> bool:
     # Never echo secrets back in an error message.
-    return key.lower() not in ("smtp_url", "secret_key", "old_secret_keys", "database_url")
+    return key.lower() not in ("smtp_url", "secret_key", "old_secret_keys", "database_url",
+                           "relays")

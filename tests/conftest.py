@@ -47,6 +47,8 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "from_address": "Digest Desk <digest@example.org>",
         "postal_address": "Example Institute, 1 Example Street, Example City",
         "send_concurrency": 4,
+        # Runs end instead of waiting for a retry (tests that retry shorten the backoff).
+        "retry_wait_seconds": 0,
     }
     values.update(overrides)
     return load_settings(**values)

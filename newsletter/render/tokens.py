@@ -35,6 +35,7 @@ class Purpose(IntEnum):
     PREFERENCES = 2
     CONFIRM = 3
     ARCHIVE = 4   # lets a subscriber of a private list read its web archive
+    BOUNCE = 5    # the VERP return path of one delivery: bounce+TOKEN@domain
 
 
 class TokenSigner:
@@ -46,18 +47,23 @@ class TokenSigner:
         # Pre-keyed HMAC objects: copying one is several times cheaper than hmac.new per token.
         self._macs = [hmac.new(k, digestmod=hashlib.sha256) for k in keys]
 
-    def sign(self, purpose: Purpose, *fields: int) -> str:
+    def _raw(self, purpose: Purpose, fields: tuple[int, ...]) -> bytes:
         payload = struct.pack(f">BB{len(fields)}Q", _VERSION, purpose, *fields)
         mac = self._macs[0].copy()
         mac.update(payload)
-        raw = payload + mac.digest()[:_MAC_BYTES]
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+        return payload + mac.digest()[:_MAC_BYTES]
+
+    def sign(self, purpose: Purpose, *fields: int) -> str:
+        return base64.urlsafe_b64encode(self._raw(purpose, fields)).rstrip(b"=").decode("ascii")
 
     def verify(self, token: str, purpose: Purpose, nfields: int) -> tuple[int, ...]:
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (binascii.Error, ValueError):
             raise TokenError("malformed token") from None
+        return self._check(raw, purpose, nfields)
+
+    def _check(self, raw: bytes, purpose: Purpose, nfields: int) -> tuple[int, ...]:
         size = 2 + 8 * nfields
         if len(raw) != size + _MAC_BYTES:
             raise TokenError("malformed token")
@@ -105,3 +111,16 @@ class TokenSigner:
         if (time.time() if now is None else now) > expires:
             raise TokenExpiredError("this confirmation link has expired")
         return sid, lid
+
+    def bounce_token(self, delivery_id: int) -> str:
+        """Lowercase base32: mail systems may change the case of an address's local part."""
+        raw = self._raw(Purpose.BOUNCE, (delivery_id,))
+        return base64.b32encode(raw).rstrip(b"=").decode("ascii").lower()
+
+    def read_bounce_token(self, token: str) -> int:
+        text = token.strip().upper()
+        try:
+            raw = base64.b32decode(text + "=" * (-len(text) % 8))
+        except (binascii.Error, ValueError):
+            raise TokenError("malformed token") from None
+        return self._check(raw, Purpose.BOUNCE, 1)[0]

@@ -91,6 +91,7 @@ class Campaign:
     last_error: str | None
     runner: str | None = None
     resend: bool = False
+    status_note: str | None = None
 
 
 @dataclass
@@ -112,8 +113,14 @@ class DeliveryCounts:
         return self[DeliveryStatus.QUEUED] + self[DeliveryStatus.FAILED_TEMP]
 
     @property
+    def remaining(self) -> int:
+        """Rows not finished: due, or in flight."""
+        return self.due + self[DeliveryStatus.SENDING]
+
+    @property
     def failed(self) -> int:
-        return self[DeliveryStatus.FAILED_TEMP] + self[DeliveryStatus.FAILED_PERM]
+        return (self[DeliveryStatus.FAILED_TEMP] + self[DeliveryStatus.FAILED_PERM]
+                + self[DeliveryStatus.EXPIRED])
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +129,8 @@ class Due:
 
     delivery_id: int
     recipient: Recipient
+    attempts: int = 0
+    first_attempt_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,9 @@ class Mark:
     delivery_id: int
     status: DeliveryStatus
     error: str | None = None
+    relay: str | None = None                 # SENDING: the relay taking it
+    retry_at: dt.datetime | None = None      # FAILED_TEMP: when it is due again
+    bounce: bool = False                     # FAILED_PERM: the address itself is bad
 
 
 @dataclass(frozen=True)
@@ -154,26 +166,46 @@ class RunStart:
 class DeliveryStore(Protocol):
     """The ledger operations the delivery engine needs; nothing else."""
 
-    def claim_campaign(self, campaign_id: int, *, runner: str, lease: float) -> RunStart:
-        """Take the campaign for this run, or raise ConflictError if a live run holds it."""
+    def claim_campaign(self, campaign_id: int, *, runner: str, lease: float,
+                       retry_now: bool = False) -> RunStart:
+        """Take the campaign for this run, or raise ConflictError if a live run holds it or
+        it is paused or cancelled. retry_now: temporary failures are due at once (a person
+        asked for this run) rather than at their backoff time."""
         ...
 
-    def due_batch(self, campaign_id: int, *, after_id: int, limit: int) -> Batch:
-        """Queued rows after after_id in id order; rows no longer active become 'skipped'."""
+    def due_batch(self, campaign_id: int, *, after_id: int, limit: int,
+                  retries: bool = False) -> Batch:
+        """Queued rows (or, with retries, failed_temp rows whose retry time has come) after
+        after_id in id order; rows no longer active become 'skipped'."""
         ...
 
-    def begin(self, marks: Sequence[Mark]) -> set[int]:
-        """Record outcomes and move queued rows to 'sending', in one transaction.
-
-        Returns the ids of the rows it moved to 'sending'; a row missing from it was changed
-        meanwhile (the subscriber left) and must not be sent.
-        """
+    def begin(self, marks: Sequence[Mark], *,
+              usage: Sequence[tuple[str, int, int]] = (), bounce_threshold: int = 1) -> set[int]:
+        """Record outcomes and move due rows to 'sending', in one transaction; also add
+        (relay, second, count) usage, and bounce the memberships of marks with `bounce`
+        (suppressing the address at `bounce_threshold` hard bounces). Returns the ids it
+        moved to 'sending'; a row missing from it was changed meanwhile (the subscriber
+        left) and must not be sent."""
         ...
 
-    def heartbeat(self, campaign_id: int, *, runner: str) -> None: ...
+    def heartbeat(self, campaign_id: int, *, runner: str, note: str | None = None) \
+            -> CampaignStatus:
+        """Prove the run alive, set its status note; returns the status (another process
+        may have paused or cancelled it)."""
+        ...
 
-    def finish_run(self, campaign_id: int, *, runner: str, error: str | None = None) -> None:
-        """Release the campaign; it is completed when nothing is queued or in flight."""
+    def next_retry_at(self, campaign_id: int) -> dt.datetime | None:
+        """When the earliest temporarily failed row is due again, if any."""
+        ...
+
+    def relay_usage(self, since: int) -> dict[str, list[tuple[int, int]]]:
+        """(second, count) per relay since a Unix time, for rate windows across runs."""
+        ...
+
+    def finish_run(self, campaign_id: int, *, runner: str, error: str | None = None,
+                   pause: bool = False) -> CampaignStatus:
+        """Release the campaign: completed when nothing is left, paused if asked (or if
+        another process paused it), else running and waiting for retries."""
         ...
 
     def delivery_counts(self, campaign_id: int) -> DeliveryCounts: ...

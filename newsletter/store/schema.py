@@ -54,6 +54,7 @@ class DeliveryStatus(StrEnum):
     FAILED_PERM = "failed_perm"  # 5xx: not retried
     UNKNOWN = "unknown"        # was SENDING when a run died: may have been delivered
     SKIPPED = "skipped"        # no longer active on the list when its turn came
+    EXPIRED = "expired"        # failed temporarily until retry_max_age: given up
 
 
 TZ = DateTime(timezone=True)
@@ -85,6 +86,8 @@ subscribers = Table(
     Column("created_at", TZ, nullable=False),
     # When the last confirmation mail went to this address: at most one an hour.
     Column("confirm_sent_at", TZ, nullable=True),
+    Column("hard_bounces", Integer, nullable=False, default=0, server_default="0"),
+    Column("soft_bounces", Integer, nullable=False, default=0, server_default="0"),
 )
 
 memberships = Table(
@@ -131,6 +134,8 @@ campaigns = Table(
     Column("runner", String(200), nullable=True),
     Column("heartbeat_at", TZ, nullable=True),
     Column("last_error", Text, nullable=True),
+    # What the campaign is doing or waiting for, in words ("waiting: relay X hourly limit").
+    Column("status_note", Text, nullable=True),
     # False: whoever already has (or is due) this issue from another campaign is left out.
     Column("resend", Boolean, nullable=False, default=False),
     Index(None, "issue_key"),
@@ -156,6 +161,9 @@ deliveries = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text, nullable=True),
     Column("updated_at", TZ, nullable=False),
+    Column("first_attempt_at", TZ, nullable=True),
+    Column("next_attempt_at", TZ, nullable=True),   # for failed_temp: when it is due again
+    Column("relay", String(64), nullable=True),     # the relay of the last attempt
     UniqueConstraint("campaign_id", "subscriber_id"),
     # Batches walk a campaign's due rows in id order; counts group by status.
     Index(None, "campaign_id", "status", "id"),
@@ -179,4 +187,23 @@ archive = Table(
     Column("views", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("list_id", "issue_key"),
     Index(None, "list_id", "published_at"),
+)
+
+# Addresses never to be sent to on any list (hard bounces over the threshold, complaints,
+# admin); checked when a campaign's audience is fixed and honoured by queued rows at once.
+suppressions = Table(
+    "suppressions", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("email_key", String(320), nullable=False, unique=True),
+    Column("reason", String(32), nullable=False),   # hard-bounce, complaint, admin, unsubscribed
+    Column("note", Text, nullable=False, default="", server_default=""),
+    Column("created_at", TZ, nullable=False),
+)
+
+# Messages handed to each relay per second, so per-hour and per-day limits hold across runs.
+relay_usage = Table(
+    "relay_usage", metadata,
+    Column("relay", String(64), primary_key=True),
+    Column("second", Integer, primary_key=True),  # Unix time, whole seconds
+    Column("count", Integer, nullable=False),
 )

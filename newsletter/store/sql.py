@@ -58,7 +58,9 @@ from .schema import (
     lists,
     membership_events,
     memberships,
+    relay_usage,
     subscribers,
+    suppressions,
 )
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -88,15 +90,22 @@ class UpsertResult:
 
 # Hot statements as text: prepared once, executed many times per second during a send.
 _MARK_OUTCOME = text(
-    "UPDATE deliveries SET status = :status, last_error = :error, updated_at = :now "
-    "WHERE id = :id"
-).bindparams(bindparam("now", type_=TZ))
-# Only a row still queued may start sending: an unsubscribe that marked it 'skipped'
+    "UPDATE deliveries SET status = :status, last_error = :error, updated_at = :now, "
+    "next_attempt_at = :retry_at WHERE id = :id"
+).bindparams(bindparam("now", type_=TZ), bindparam("retry_at", type_=TZ))
+# Only a row still due may start sending: an unsubscribe that marked it 'skipped'
 # meanwhile wins, and the engine learns it from the row count.
 _MARK_SENDING = text(
-    "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, updated_at = :now "
-    "WHERE id = :id AND status = 'queued'"
+    "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, updated_at = :now, "
+    "first_attempt_at = COALESCE(first_attempt_at, :now), relay = :relay "
+    "WHERE id = :id AND status IN ('queued', 'failed_temp')"
 ).bindparams(bindparam("now", type_=TZ))
+# Relay usage per second; the same upsert syntax works on SQLite and PostgreSQL.
+_ADD_USAGE = text(
+    "INSERT INTO relay_usage (relay, second, count) VALUES (:relay, :second, :count) "
+    "ON CONFLICT (relay, second) DO UPDATE SET count = relay_usage.count + excluded.count"
+)
+_UNFINISHED = (DeliveryStatus.QUEUED, DeliveryStatus.SENDING, DeliveryStatus.FAILED_TEMP)
 
 
 # The one-click unsubscribe, the web side's hot path: who, which list, what status, in one
@@ -530,7 +539,8 @@ class SqlStore:
 
     # --- the ledger (DeliveryStore) ----------------------------------------------------------
 
-    def claim_campaign(self, campaign_id: int, *, runner: str, lease: float) -> RunStart:
+    def claim_campaign(self, campaign_id: int, *, runner: str, lease: float,
+                       retry_now: bool = False) -> RunStart:
         now = utcnow()
         stale = now - dt.timedelta(seconds=lease)
         with self.engine.begin() as conn:
@@ -539,13 +549,18 @@ class SqlStore:
                 raise NotFoundError(f"no campaign {campaign_id}")
             if row.status == CampaignStatus.CANCELLED:
                 raise ConflictError(f"campaign {campaign_id} was cancelled")
+            if row.status == CampaignStatus.PAUSED:
+                raise ConflictError(f"campaign {campaign_id} is paused"
+                                    + (f" ({row.status_note})" if row.status_note else "")
+                                    + f"; resume it with: newsletter campaigns resume "
+                                    f"{campaign_id}")
             # Conditional update: of two processes starting at once, exactly one wins.
             claimed = conn.execute(update(campaigns).where(
                 campaigns.c.id == campaign_id,
                 (campaigns.c.runner.is_(None)) | (campaigns.c.heartbeat_at < stale),
             ).values(status=CampaignStatus.RUNNING, runner=runner, heartbeat_at=now,
                      started_at=func.coalesce(campaigns.c.started_at, now), finished_at=None,
-                     last_error=None)).rowcount
+                     last_error=None, status_note=None)).rowcount
             if not claimed:
                 raise ConflictError(
                     f"campaign {campaign_id} is being sent by {row.runner} (alive at "
@@ -569,27 +584,36 @@ class SqlStore:
                 deliveries.c.status == DeliveryStatus.SENDING,
             ).values(status=DeliveryStatus.UNKNOWN, updated_at=now,
                      last_error="outcome unknown: the sending process stopped")).rowcount
-            retrying = conn.execute(update(deliveries).where(
-                deliveries.c.campaign_id == campaign_id,
-                deliveries.c.status == DeliveryStatus.FAILED_TEMP,
-            ).values(status=DeliveryStatus.QUEUED, updated_at=now)).rowcount
+            temp = [deliveries.c.campaign_id == campaign_id,
+                    deliveries.c.status == DeliveryStatus.FAILED_TEMP]
+            if retry_now:  # someone asked for this run: temporary failures are due now
+                retrying = conn.execute(update(deliveries).where(*temp)
+                                        .values(next_attempt_at=now)).rowcount
+            else:
+                retrying = conn.execute(select(func.count()).select_from(deliveries)
+                                        .where(*temp)).scalar_one()
         return RunStart(enqueued=enqueued, became_unknown=unknown, retrying=retrying)
 
-    def due_batch(self, campaign_id: int, *, after_id: int, limit: int) -> Batch:
+    def due_batch(self, campaign_id: int, *, after_id: int, limit: int,
+                  retries: bool = False) -> Batch:
         # Keyset pagination on the ledger's (campaign_id, status, id) index: constant cost per
         # batch however far into the list we are. The membership is joined so that someone who
         # left since the run started is skipped here rather than sent to.
         query = (
             select(deliveries.c.id, deliveries.c.subscriber_id, deliveries.c.list_id,
+                   deliveries.c.attempts, deliveries.c.first_attempt_at,
                    subscribers.c.email, subscribers.c.name, memberships.c.status)
             .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
             .outerjoin(memberships, and_(memberships.c.list_id == deliveries.c.list_id,
                                          memberships.c.subscriber_id == deliveries.c.subscriber_id))
-            .where(deliveries.c.campaign_id == campaign_id,
-                   deliveries.c.status == DeliveryStatus.QUEUED,
-                   deliveries.c.id > after_id)
+            .where(deliveries.c.campaign_id == campaign_id, deliveries.c.id > after_id)
             .order_by(deliveries.c.id).limit(limit)
         )
+        if retries:
+            query = query.where(deliveries.c.status == DeliveryStatus.FAILED_TEMP,
+                                deliveries.c.next_attempt_at <= utcnow())
+        else:
+            query = query.where(deliveries.c.status == DeliveryStatus.QUEUED)
         due: list[Due] = []
         gone: list[int] = []
         last = 0
@@ -599,26 +623,38 @@ class SqlStore:
                 if r.status != MembershipStatus.ACTIVE:
                     gone.append(r.id)
                 else:
-                    due.append(Due(r.id, Recipient(r.subscriber_id, r.list_id, r.email, r.name)))
+                    due.append(Due(r.id, Recipient(r.subscriber_id, r.list_id, r.email, r.name),
+                                   r.attempts, r.first_attempt_at))
             if gone:
                 conn.execute(update(deliveries).where(deliveries.c.id.in_(gone))
                              .values(status=DeliveryStatus.SKIPPED, updated_at=utcnow()))
         return Batch(due, len(gone), last)
 
-    def begin(self, marks: Sequence[Mark]) -> set[int]:
+    def begin(self, marks: Sequence[Mark], *,
+              usage: Sequence[tuple[str, int, int]] = (), bounce_threshold: int = 1) -> set[int]:
         now = utcnow()
-        outcomes = [{"id": m.delivery_id, "status": str(m.status), "error": m.error, "now": now}
+        outcomes = [{"id": m.delivery_id, "status": str(m.status), "error": m.error, "now": now,
+                     "retry_at": m.retry_at}
                     for m in marks if m.status != DeliveryStatus.SENDING]
-        wanted = {m.delivery_id for m in marks if m.status == DeliveryStatus.SENDING}
+        sending = {m.delivery_id: m.relay for m in marks if m.status == DeliveryStatus.SENDING}
+        wanted = set(sending)
         if self._writer is None:
             self._writer = self.engine.connect()
         conn = self._writer
         with conn.begin():
             if outcomes:
                 conn.execute(_MARK_OUTCOME, outcomes)
+            for m in marks:
+                if m.bounce:  # rare: a 5xx that says the address itself is bad
+                    _bounce_delivery(conn, m.delivery_id, hard=True, reason=m.error or "",
+                                     threshold=bounce_threshold, now=now)
+            if usage:
+                conn.execute(_ADD_USAGE, [{"relay": r, "second": sec, "count": n}
+                                          for r, sec, n in usage])
             if not wanted:
                 return set()
-            moved = conn.execute(_MARK_SENDING, [{"id": i, "now": now} for i in wanted]).rowcount
+            moved = conn.execute(_MARK_SENDING, [{"id": i, "now": now, "relay": sending[i]}
+                                                 for i in wanted]).rowcount
             if moved == len(wanted):
                 return wanted
             # Rare: someone unsubscribed between the batch read and now. Find who is left.
@@ -626,25 +662,162 @@ class SqlStore:
                 deliveries.c.id.in_(wanted), deliveries.c.status == DeliveryStatus.SENDING,
             )).scalars())
 
-    def heartbeat(self, campaign_id: int, *, runner: str) -> None:
+    def heartbeat(self, campaign_id: int, *, runner: str, note: str | None = None) \
+            -> CampaignStatus:
         with self.engine.begin() as conn:
             conn.execute(update(campaigns).where(campaigns.c.id == campaign_id,
                                                  campaigns.c.runner == runner)
-                         .values(heartbeat_at=utcnow()))
+                         .values(heartbeat_at=utcnow(), status_note=note))
+            return CampaignStatus(conn.execute(select(campaigns.c.status)
+                                               .where(campaigns.c.id == campaign_id))
+                                  .scalar_one())
 
-    def finish_run(self, campaign_id: int, *, runner: str, error: str | None = None) -> None:
+    def next_retry_at(self, campaign_id: int) -> dt.datetime | None:
+        with self.engine.connect() as conn:
+            value = conn.execute(select(func.min(deliveries.c.next_attempt_at)).where(
+                deliveries.c.campaign_id == campaign_id,
+                deliveries.c.status == DeliveryStatus.FAILED_TEMP)).scalar()
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)  # SQLite drops the zone; we store UTC
+        return value
+
+    def relay_usage(self, since: int) -> dict[str, list[tuple[int, int]]]:
+        with self.engine.begin() as conn:
+            # Usage older than a day no longer counts against any window.
+            conn.execute(relay_usage.delete().where(relay_usage.c.second < since - 86_400))
+            rows = conn.execute(select(relay_usage.c.relay, relay_usage.c.second,
+                                       relay_usage.c.count)
+                                .where(relay_usage.c.second >= since)
+                                .order_by(relay_usage.c.second)).all()
+        found: dict[str, list[tuple[int, int]]] = {}
+        for relay, second, count in rows:
+            found.setdefault(relay, []).append((int(second), int(count)))
+        return found
+
+    def finish_run(self, campaign_id: int, *, runner: str, error: str | None = None,
+                   pause: bool = False) -> CampaignStatus:
         self.close()
         now = utcnow()
         with self.engine.begin() as conn:
+            current = conn.execute(select(campaigns.c.status, campaigns.c.status_note)
+                                   .where(campaigns.c.id == campaign_id)).one()
             pending = conn.execute(select(func.count()).select_from(deliveries).where(
-                deliveries.c.campaign_id == campaign_id,
-                deliveries.c.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.SENDING]),
+                deliveries.c.campaign_id == campaign_id, deliveries.c.status.in_(_UNFINISHED),
             )).scalar_one()
-            status = CampaignStatus.RUNNING if pending else CampaignStatus.COMPLETED
+            values: dict[str, Any] = {"runner": None, "heartbeat_at": None, "last_error": error}
+            if current.status in (CampaignStatus.PAUSED, CampaignStatus.CANCELLED):
+                status = CampaignStatus(current.status)  # another process decided
+            elif pause:
+                status = CampaignStatus.PAUSED
+                values["status_note"] = error
+            elif pending:
+                status = CampaignStatus.RUNNING  # waiting for retries, or stopped early
+            else:
+                status = CampaignStatus.COMPLETED
+                values.update(finished_at=now, status_note=None)
+            values["status"] = status
             conn.execute(update(campaigns).where(campaigns.c.id == campaign_id,
-                                                 campaigns.c.runner == runner)
-                         .values(status=status, runner=None, heartbeat_at=None,
-                                 finished_at=None if pending else now, last_error=error))
+                                                 campaigns.c.runner == runner).values(**values))
+        return status
+
+    # --- campaign control (from any process) -------------------------------------------------
+
+    def all_campaigns(self, limit: int = 50) -> list[Campaign]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(campaigns).order_by(campaigns.c.id.desc())
+                                .limit(limit)).all()
+            return [_campaign(r, _campaign_list_ids(conn, r.id)) for r in rows]
+
+    def pause_campaign(self, campaign_id: int, *, reason: str = "paused by an editor") -> bool:
+        """Ask a campaign to pause: a running send stops within a second; True if changed."""
+        self.get_campaign(campaign_id)
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(campaigns).where(
+                campaigns.c.id == campaign_id,
+                campaigns.c.status.in_([CampaignStatus.RUNNING, CampaignStatus.SCHEDULED,
+                                        CampaignStatus.DRAFT]),
+            ).values(status=CampaignStatus.PAUSED, status_note=reason)).rowcount)
+
+    def cancel_campaign(self, campaign_id: int) -> bool:
+        """Stop a campaign for good; its unsent rows are never sent. True if changed."""
+        self.get_campaign(campaign_id)
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(campaigns).where(
+                campaigns.c.id == campaign_id,
+                campaigns.c.status.notin_([CampaignStatus.CANCELLED, CampaignStatus.COMPLETED]),
+            ).values(status=CampaignStatus.CANCELLED, status_note="cancelled",
+                     finished_at=utcnow())).rowcount)
+
+    def unpause_campaign(self, campaign_id: int) -> None:
+        """Make a paused campaign runnable again (the caller then runs it)."""
+        c = self.get_campaign(campaign_id)
+        if c.status == CampaignStatus.CANCELLED:
+            raise ConflictError(f"campaign {campaign_id} was cancelled and cannot be resumed")
+        with self.engine.begin() as conn:
+            conn.execute(update(campaigns).where(
+                campaigns.c.id == campaign_id, campaigns.c.status == CampaignStatus.PAUSED,
+            ).values(status=CampaignStatus.RUNNING, status_note=None))
+
+    def requeue(self, campaign_id: int, statuses: Sequence[DeliveryStatus]) -> int:
+        """Make rows in these statuses due again (retry --failed / --unknown)."""
+        c = self.get_campaign(campaign_id)
+        if c.status == CampaignStatus.CANCELLED:
+            raise ConflictError(f"campaign {campaign_id} was cancelled")
+        now = utcnow()
+        with self.engine.begin() as conn:
+            n = conn.execute(update(deliveries).where(
+                deliveries.c.campaign_id == campaign_id, deliveries.c.status.in_(list(statuses)),
+            ).values(status=DeliveryStatus.QUEUED, next_attempt_at=None, first_attempt_at=None,
+                     updated_at=now)).rowcount
+            if n and c.status == CampaignStatus.COMPLETED:
+                conn.execute(update(campaigns).where(campaigns.c.id == campaign_id)
+                             .values(status=CampaignStatus.RUNNING, finished_at=None))
+        return int(n)
+
+    def recent_rate(self, campaign_id: int, seconds: int = 60) -> float:
+        """Messages finished per second over the last `seconds`, from the ledger."""
+        since = utcnow() - dt.timedelta(seconds=seconds)
+        with self.engine.connect() as conn:
+            n = conn.execute(select(func.count()).select_from(deliveries).where(
+                deliveries.c.campaign_id == campaign_id,
+                deliveries.c.status == DeliveryStatus.SENT,
+                deliveries.c.updated_at >= since)).scalar_one()
+        return float(n) / seconds
+
+    # --- bounces and suppression -------------------------------------------------------------
+
+    def record_bounce(self, *, delivery_id: int | None = None,
+                      subscriber_id: int | None = None, list_id: int | None = None,
+                      hard: bool, reason: str, threshold: int = 1) -> bool:
+        """A bounce that arrived later (DSN): by ledger row, or by subscriber (and list).
+        Hard: that membership becomes 'bounced' and, at `threshold` hard bounces, the address
+        is suppressed on every list. Soft: counted only. False if nothing matched."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            if delivery_id is not None:
+                return _bounce_delivery(conn, delivery_id, hard=hard, reason=reason,
+                                        threshold=threshold, now=now, mark_row=True)
+            if subscriber_id is None:
+                return False
+            return _bounce_subscriber(conn, subscriber_id, list_id, hard=hard, reason=reason,
+                                      threshold=threshold, now=now)
+
+    def suppress(self, email: str, *, reason: str, note: str = "") -> bool:
+        """Never send to this address again on any list; queued rows are skipped now."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            return _suppress(conn, email.lower(), reason=reason, note=note, now=now)
+
+    def is_suppressed(self, email: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(suppressions.c.id).where(
+                suppressions.c.email_key == email.lower())).first() is not None
+
+    def bounce_counts(self, subscriber_id: int) -> tuple[int, int]:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(subscribers.c.hard_bounces, subscribers.c.soft_bounces)
+                             .where(subscribers.c.id == subscriber_id)).one()
+        return int(r.hard_bounces), int(r.soft_bounces)
 
     def delivery_counts(self, campaign_id: int) -> DeliveryCounts:
         with self.engine.connect() as conn:
@@ -665,6 +838,56 @@ class SqlStore:
                 .order_by(deliveries.c.id)
             ).all()
         return [(r.email, r.last_error or "") for r in rows]
+
+
+def _bounce_delivery(conn: Connection, delivery_id: int, *, hard: bool, reason: str,
+                     threshold: int, now: dt.datetime, mark_row: bool = False) -> bool:
+    row = conn.execute(select(deliveries.c.subscriber_id, deliveries.c.list_id)
+                       .where(deliveries.c.id == delivery_id)).first()
+    if row is None:
+        return False
+    if mark_row and hard:
+        # It was accepted by the relay ('sent'), then bounced: the ledger says so now.
+        conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(
+            status=DeliveryStatus.FAILED_PERM, last_error=("bounced: " + reason)[:500],
+            updated_at=now))
+    return _bounce_subscriber(conn, row.subscriber_id, row.list_id, hard=hard, reason=reason,
+                              threshold=threshold, now=now)
+
+
+def _bounce_subscriber(conn: Connection, sid: int, lid: int | None, *, hard: bool, reason: str,
+                       threshold: int, now: dt.datetime) -> bool:
+    counter = subscribers.c.hard_bounces if hard else subscribers.c.soft_bounces
+    if not conn.execute(update(subscribers).where(subscribers.c.id == sid)
+                        .values({counter: counter + 1})).rowcount:
+        return False
+    if not hard:
+        return True
+    _change_status(conn, sid, MembershipStatus.BOUNCED, source="bounce", list_id=lid, now=now)
+    bounces, email_key = conn.execute(select(subscribers.c.hard_bounces,
+                                             subscribers.c.email_key)
+                                      .where(subscribers.c.id == sid)).one()
+    if bounces >= threshold:
+        _suppress(conn, email_key, reason="hard-bounce", note=reason[:500], now=now)
+    return True
+
+
+def _suppress(conn: Connection, email_key: str, *, reason: str, note: str,
+              now: dt.datetime) -> bool:
+    if conn.execute(select(suppressions.c.id)
+                    .where(suppressions.c.email_key == email_key)).first() is not None:
+        return False
+    conn.execute(insert(suppressions).values(email_key=email_key, reason=reason, note=note,
+                                             created_at=now))
+    sid = conn.execute(select(subscribers.c.id)
+                       .where(subscribers.c.email_key == email_key)).scalar()
+    if sid is not None:
+        # Honoured by running sends for every message not yet handed to a relay.
+        conn.execute(update(deliveries).where(
+            deliveries.c.subscriber_id == sid,
+            deliveries.c.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.FAILED_TEMP]),
+        ).values(status=DeliveryStatus.SKIPPED, updated_at=now))
+    return True
 
 
 def _target(conn: Connection, sid: int, lid: int) \
@@ -717,14 +940,23 @@ def _audience(list_ids: Sequence[int], *, issue_key: str | None,
                memberships.c.status == MembershipStatus.ACTIVE)
         .group_by(memberships.c.subscriber_id)
     )
+    # Suppressed addresses are on no campaign's audience, whatever their list status.
+    query = query.where(~select(suppressions.c.id).join(
+        subscribers, subscribers.c.email_key == suppressions.c.email_key,
+    ).where(subscribers.c.id == memberships.c.subscriber_id).exists())
     if issue_key is not None:
+        # Rows that were (or may have been) handed to a relay count even in a cancelled
+        # campaign; only its never-attempted rows do not.
+        not_sent = [DeliveryStatus.SKIPPED, DeliveryStatus.QUEUED, DeliveryStatus.FAILED_TEMP,
+                    DeliveryStatus.EXPIRED]
         earlier = (
             select(deliveries.c.id)
             .join(campaigns, campaigns.c.id == deliveries.c.campaign_id)
             .where(campaigns.c.issue_key == issue_key,
-                   campaigns.c.status != CampaignStatus.CANCELLED,
                    deliveries.c.subscriber_id == memberships.c.subscriber_id,
-                   deliveries.c.status != DeliveryStatus.SKIPPED)
+                   deliveries.c.status != DeliveryStatus.SKIPPED,
+                   ~and_(campaigns.c.status == CampaignStatus.CANCELLED,
+                         deliveries.c.status.in_(not_sent)))
         )
         if exclude_campaign is not None:
             earlier = earlier.where(campaigns.c.id != exclude_campaign)
@@ -759,7 +991,7 @@ def _campaign(row: Row[Any], list_ids: tuple[int, ...]) -> Campaign:
         issue_json=row.issue_json, html=row.html, text=row.text,
         status=CampaignStatus(row.status), list_ids=list_ids, created_at=row.created_at,
         started_at=row.started_at, finished_at=row.finished_at, last_error=row.last_error,
-        runner=row.runner, resend=bool(row.resend),
+        runner=row.runner, resend=bool(row.resend), status_note=row.status_note,
     )
 
 
