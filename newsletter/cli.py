@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import json
 import logging
 import secrets
@@ -35,8 +36,9 @@ from .errors import ConflictError, NewsletterError, NotFoundError
 from .render.templates import render_template
 from .service import Newsletter, SendPlan
 from .settings import Settings, load_settings
+from .store.base import DeliveryCounts
 from .store.imports import ImportReport, import_csv, normalize_email
-from .store.schema import MembershipStatus
+from .store.schema import CampaignStatus, DeliveryStatus, MembershipStatus
 from .store.sql import NewMember
 from .subscriptions import SUPPORTED_LANGUAGES
 from .web.labels import labels as web_labels
@@ -57,6 +59,9 @@ issue_app = typer.Typer(help="Work with issue files.", no_args_is_help=True)
 app.add_typer(lists_app, name="lists")
 app.add_typer(subs_app, name="subscribers")
 app.add_typer(issue_app, name="issue")
+campaigns_app = typer.Typer(help="See and steer campaigns: ls, show, pause, resume, cancel, "
+                            "retry.", no_args_is_help=True)
+app.add_typer(campaigns_app, name="campaigns")
 
 
 class _State:
@@ -349,7 +354,7 @@ def send(
                              f"{names}?"):
             raise typer.Exit(1)
     report = _run_with_progress(nl, plan, f"sending to {names}")
-    _print_report(report)
+    _print_report(report, nl, plan.campaign.id)
     if report.aborted:
         raise typer.Exit(1)
 
@@ -359,8 +364,9 @@ def _announce_mode(nl: Newsletter, *, force_capture: bool = False) -> None:
         out.print(f"[bold]capture mode[/]: NEWSLETTER_SMTP_URL is not set, so mail goes to the "
                   f"built-in capture server and is stored in {nl.settings.outbox_dir}/ - "
                   "no mail leaves this machine")
-    elif relay := nl.settings.relay:
-        out.print(f"relay: {relay.describe()}")
+    elif relays := nl.relay_plans():
+        out.print("relay: " + ", ".join(f"{r.name} ({r.relay.describe()})" for r in relays),
+                  highlight=False)
         # Real mail: say what mailbox providers and the law will hold against it.
         if not nl.settings.base_url.startswith("https://"):
             err.print("warning: NEWSLETTER_BASE_URL is not https://; Gmail and Yahoo only "
@@ -376,8 +382,9 @@ def _run_with_progress(nl: Newsletter, plan: SendPlan, label: str,
         task = bar.add_task(label, total=plan.due or None, rate="")
 
         def update(p: SendProgress) -> None:
+            # A relay's window or a retry the run waits for shows instead of the rate.
             bar.update(task, completed=p.done, total=max(p.due, p.done) or None,
-                       rate=f"{p.rate:,.0f} msg/s")
+                       rate=p.note or f"{p.rate:,.0f} msg/s")
 
         try:
             return asyncio.run(nl.run(plan, on_progress=update, force_capture=force_capture))
@@ -388,27 +395,172 @@ def _run_with_progress(nl: Newsletter, plan: SendPlan, label: str,
             raise typer.Exit(130) from None
 
 
-def _print_report(report: RunReport) -> None:
+def _print_report(report: RunReport, nl: Newsletter, campaign_id: int) -> None:
+    """What this run did, then where the campaign stands (from the ledger)."""
     p = report.progress
     if report.start.became_unknown:
         out.print(f"note: {report.start.became_unknown} message(s) were in flight when an "
-                  "earlier run stopped; their outcome is unknown and they were not resent")
+                  "earlier run stopped; their outcome is unknown and they were not resent "
+                  f"(newsletter campaigns retry {campaign_id} --unknown resends them)")
     for email, error in report.errors[:10]:
         err.print(f"failed: {email}: {error}")
-    line = f"sent {p.sent}, failed {p.failed_temp + p.failed_perm}"
-    if p.failed_temp or p.failed_perm:
-        line += f" (temporary {p.failed_temp}, permanent {p.failed_perm})"
-    if p.unknown:
-        line += f", unknown {p.unknown}"
-    if p.skipped:
-        line += f", skipped {p.skipped} (unsubscribed meanwhile)"
+    counts = nl.store.delivery_counts(campaign_id)
     elapsed = time.monotonic() - p.started
-    out.print(f"{line} in {elapsed:.1f} s")
-    if p.failed_temp:
-        out.print("temporary failures are retried when you run the same command again")
+    out.print(f"this run: sent {p.sent} in {elapsed:.1f} s"
+              + (f" ({p.retried} of them retries)" if p.retried else ""), highlight=False)
+    out.print(f"campaign {campaign_id}: {_counts_line(counts)}", highlight=False)
+    status = report.status
+    if status == CampaignStatus.RUNNING and counts[DeliveryStatus.FAILED_TEMP]:
+        when = f" at {report.next_retry:%Y-%m-%d %H:%M} UTC" if report.next_retry else ""
+        out.print(f"{counts[DeliveryStatus.FAILED_TEMP]} temporary failure(s) are due again"
+                  f"{when}: run 'newsletter campaigns resume {campaign_id}' then (or now)",
+                  highlight=False)
     if report.aborted:
-        err.print(f"error: stopped early: {report.aborted}. Everyone not yet attempted is "
-                  "still due: fix the cause and run the same command again.")
+        verb = "paused" if status == CampaignStatus.PAUSED else "stopped early"
+        err.print(f"error: {verb}: {report.aborted}. Everyone not yet sent to is still due: "
+                  f"fix the cause and run 'newsletter campaigns resume {campaign_id}'.")
+
+
+def _counts_line(counts: DeliveryCounts) -> str:
+    line = (f"sent {counts[DeliveryStatus.SENT]:,}, failed temporary "
+            f"{counts[DeliveryStatus.FAILED_TEMP]:,} / permanent "
+            f"{counts[DeliveryStatus.FAILED_PERM]:,}")
+    if counts[DeliveryStatus.EXPIRED]:
+        line += f" / expired {counts[DeliveryStatus.EXPIRED]:,}"
+    line += f", unknown {counts[DeliveryStatus.UNKNOWN]:,}"
+    line += f", skipped {counts[DeliveryStatus.SKIPPED]:,}, remaining {counts.remaining:,}"
+    return line
+
+
+# --- campaigns --------------------------------------------------------------------------------
+
+CampaignArg = Annotated[int, typer.Argument(help="The campaign's id (see: newsletter campaigns "
+                                                 "ls).")]
+
+
+@campaigns_app.command("ls")
+def campaigns_ls(
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+) -> None:
+    """List campaigns, newest first, with their status and counts."""
+    nl = _state.app
+    found = nl.store.all_campaigns(limit)
+    if not found:
+        out.print("no campaigns yet; send an issue with: newsletter send FILE --list SLUG")
+        return
+    lists = {m.id: m.slug for m, _ in nl.store.all_lists()}
+    table = Table("id", "status", "issue", "lists", "sent", "remaining", "note", box=None)
+    for c in found:
+        counts = nl.store.delivery_counts(c.id)
+        table.add_row(str(c.id), c.status.value, c.issue_key,
+                      ",".join(lists.get(i, "?") for i in c.list_ids),
+                      f"{counts[DeliveryStatus.SENT]:,}", f"{counts.remaining:,}",
+                      c.status_note or c.last_error or "")
+    out.print(table)
+
+
+@campaigns_app.command("show")
+def campaigns_show(campaign_id: CampaignArg) -> None:
+    """Show one campaign: counts by outcome, current rate and estimated end."""
+    nl = _state.app
+    c = nl.store.get_campaign(campaign_id)
+    counts = nl.store.delivery_counts(c.id)
+    lists = nl.store.lists_by_id(c.list_ids)
+    out.print(f"campaign {c.id}: {c.subject}", highlight=False)
+    out.print(f"  issue      {c.issue_key} to {', '.join(m.slug for m in lists.values())}",
+              highlight=False)
+    running = f" by {c.runner}" if c.runner else ""
+    out.print(f"  status     {c.status.value}{running}"
+              + (f" ({c.status_note})" if c.status_note else ""), highlight=False)
+    for name, n in (("sent", counts[DeliveryStatus.SENT]),
+                    ("failed", counts.failed),
+                    ("  temporary", counts[DeliveryStatus.FAILED_TEMP]),
+                    ("  permanent", counts[DeliveryStatus.FAILED_PERM]),
+                    ("  expired", counts[DeliveryStatus.EXPIRED]),
+                    ("unknown", counts[DeliveryStatus.UNKNOWN]),
+                    ("skipped", counts[DeliveryStatus.SKIPPED]),
+                    ("in flight", counts[DeliveryStatus.SENDING]),
+                    ("remaining", counts.remaining),
+                    ("total", counts.total)):
+        out.print(f"  {name:<10} {n:,}", highlight=False)
+    rate = nl.store.recent_rate(c.id)
+    if c.status == CampaignStatus.RUNNING and c.runner and rate > 0:
+        eta = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=counts.remaining / rate)
+        out.print(f"  rate       {rate:,.1f} msg/s over the last minute; estimated end "
+                  f"{eta:%H:%M:%S} UTC", highlight=False)
+    elif c.status == CampaignStatus.RUNNING:
+        out.print("  rate       0 msg/s (no run is sending it now)", highlight=False)
+    if c.last_error:
+        out.print(f"  last error {c.last_error}", highlight=False)
+    for email, error in nl.store.deliveries_of(c.id, DeliveryStatus.FAILED_PERM)[:5]:
+        out.print(f"  failed     {email}: {error}", highlight=False)
+
+
+@campaigns_app.command("pause")
+def campaigns_pause(campaign_id: CampaignArg) -> None:
+    """Pause a campaign; a send running in another process stops within a second."""
+    if _state.app.store.pause_campaign(campaign_id):
+        out.print(f"paused campaign {campaign_id}; resume with: newsletter campaigns resume "
+                  f"{campaign_id}")
+    else:
+        c = _state.app.store.get_campaign(campaign_id)
+        out.print(f"campaign {campaign_id} is {c.status.value}; nothing to pause")
+
+
+@campaigns_app.command("cancel")
+def campaigns_cancel(
+    campaign_id: CampaignArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+    = False,
+) -> None:
+    """Cancel a campaign for good: whoever has not got it yet never will from this campaign."""
+    nl = _state.app
+    counts = nl.store.delivery_counts(campaign_id)
+    if not yes and sys.stdin.isatty() and not typer.confirm(
+            f"Cancel campaign {campaign_id} with {counts.remaining:,} still to send?"):
+        raise typer.Exit(1)
+    if nl.store.cancel_campaign(campaign_id):
+        out.print(f"cancelled campaign {campaign_id}; {counts.remaining:,} were not sent")
+    else:
+        c = nl.store.get_campaign(campaign_id)
+        out.print(f"campaign {campaign_id} is {c.status.value}; nothing to cancel")
+
+
+@campaigns_app.command("resume")
+def campaigns_resume(campaign_id: CampaignArg) -> None:
+    """Resume a paused or unfinished campaign here; nobody gets it twice."""
+    nl = _state.app
+    plan = nl.resume_plan(campaign_id)
+    _announce_mode(nl)
+    report = _run_with_progress(nl, plan, f"campaign {campaign_id}")
+    _print_report(report, nl, campaign_id)
+    if report.aborted:
+        raise typer.Exit(1)
+
+
+@campaigns_app.command("retry")
+def campaigns_retry(
+    campaign_id: CampaignArg,
+    failed: Annotated[bool, typer.Option(
+        "--failed", help="Send again to failed rows (temporary, permanent, expired); "
+        "addresses that bounced stay skipped.")] = False,
+    unknown: Annotated[bool, typer.Option(
+        "--unknown", help="Send again to rows whose outcome is unknown (they may get a "
+        "second copy).")] = False,
+) -> None:
+    """Make failed or unknown deliveries due again, then resume the campaign."""
+    nl = _state.app
+    statuses: list[DeliveryStatus] = []
+    if failed:
+        statuses += [DeliveryStatus.FAILED_TEMP, DeliveryStatus.FAILED_PERM,
+                     DeliveryStatus.EXPIRED]
+    if unknown:
+        statuses.append(DeliveryStatus.UNKNOWN)
+    if not statuses:
+        raise NewsletterError("say what to retry: --failed, --unknown or both")
+    n = nl.store.requeue(campaign_id, statuses)
+    out.print(f"{n:,} deliveries of campaign {campaign_id} are due again")
+    campaigns_resume(campaign_id)
 
 
 def _progress() -> Progress:
@@ -463,7 +615,7 @@ def demo(
     plan = nl.plan_send(issue_file, ["demo"])
     _announce_mode(nl, force_capture=True)
     report = _run_with_progress(nl, plan, "sending", force_capture=True)
-    _print_report(report)
+    _print_report(report, nl, plan.campaign.id)
     captured = sorted((settings.outbox_dir / "new").iterdir())
     out.print()
     out.print(f"HTML preview:   {built.html.resolve()}")

@@ -81,7 +81,7 @@ def test_list_subscriber_issue_and_send_flow(env: SmtpTestServer, tmp_path: Path
                                    policy=email.policy.default)
     assert eml.get_content_type() == "multipart/alternative"
     out = _ok("send", str(SAMPLE_MD), "--list", "digest", "--yes")
-    assert f"sent {n}, failed 0" in out
+    assert f"sent {n}, failed temporary 0 / permanent 0" in out
     assert len(env.messages) == n
     assert "new@example.org" not in env.recorder.count_by_rcpt()
     again = runner.invoke(app, ["send", str(SAMPLE_MD), "--list", "digest", "--yes"])
@@ -124,7 +124,7 @@ def test_demo_runs_twice_in_a_fresh_directory(tmp_path: Path) -> None:
     out = proc.stdout
     n = len(SAMPLE_CSV.read_text(encoding="utf-8").splitlines()) - 1
     assert "capture mode" in out and "no mail leaves this machine" in out
-    assert f"sent {n}, failed 0" in out
+    assert f"sent {n}, failed temporary 0 / permanent 0" in out
     outbox = tmp_path / "var" / "demo" / "outbox" / "new"
     assert len(list(outbox.iterdir())) == n  # the second run started from a fresh workspace
     assert (tmp_path / "var" / "demo" / "build" / "issue.html").is_file()
