@@ -6,6 +6,7 @@ Every error the package raises on purpose ends as one line on stderr and a non-z
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -62,6 +63,9 @@ app.add_typer(issue_app, name="issue")
 campaigns_app = typer.Typer(help="See and steer campaigns: ls, show, pause, resume, cancel, "
                             "retry.", no_args_is_help=True)
 app.add_typer(campaigns_app, name="campaigns")
+bounces_app = typer.Typer(help="Receive bounces (delivery status notifications) and record "
+                          "them.", no_args_is_help=True)
+app.add_typer(bounces_app, name="bounces")
 
 
 class _State:
@@ -430,6 +434,64 @@ def _counts_line(counts: DeliveryCounts) -> str:
     line += f", unknown {counts[DeliveryStatus.UNKNOWN]:,}"
     line += f", skipped {counts[DeliveryStatus.SKIPPED]:,}, remaining {counts.remaining:,}"
     return line
+
+
+# --- bounces ----------------------------------------------------------------------------------
+
+@bounces_app.command("serve")
+def bounces_serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on [bounce_host].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on [bounce_port].")] = None,
+) -> None:
+    """Receive bounces by SMTP (be the MX of the bounce domain) and record them."""
+    from .delivery.bounces import BounceServer
+
+    nl = _state.app
+    host = host or nl.settings.bounce_host
+    port = port if port is not None else nl.settings.bounce_port
+    local = nl.settings.bounce_mailbox.partition("@")[0]
+
+    def handle(bounces: list[Any], raw: bytes) -> None:
+        matched = nl.record_bounces(bounces, raw)
+        for b in bounces:
+            out.print(f"{b.kind} bounce: {b.recipient or '?'} {b.status} "
+                      f"({'recorded' if matched else 'no matching delivery'})", highlight=False)
+
+    async def run() -> None:
+        server = BounceServer(handle, host=host, port=port, local_prefix=local,
+                              keep_dir=nl.settings.var_dir / "bounces")
+        async with server:
+            out.print(f"receiving bounces for {local}+TOKEN@... on {host}:{server.port}; "
+                      "Ctrl-C stops", highlight=False)
+            await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+@bounces_app.command("scan")
+def bounces_scan(
+    maildir: Annotated[Path, typer.Argument(help="A Maildir the bounce address delivers to.")],
+) -> None:
+    """Read bounces from a Maildir and record them; each message is processed once."""
+    from .delivery.bounces import scan_maildir
+
+    nl = _state.app
+    local = nl.settings.bounce_mailbox.partition("@")[0]
+    matched = 0
+
+    def handle(bounces: list[Any], raw: bytes) -> None:
+        nonlocal matched
+        matched += nl.record_bounces(bounces, raw)
+
+    report = scan_maildir(maildir, handle, local_prefix=local)
+    out.print(f"{report.messages} message(s): {report.bounces} bounce(s), {matched} matched a "
+              f"delivery, {report.not_bounces} not bounces, {len(report.failed)} failed",
+              highlight=False)
+    for key, error in report.failed:
+        err.print(f"failed: {key}: {error}")
+    if report.failed:
+        raise typer.Exit(1)
 
 
 # --- campaigns --------------------------------------------------------------------------------

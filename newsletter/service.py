@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import jinja2
 
 if TYPE_CHECKING:
+    from .delivery.bounces import Bounce
     from .delivery.dkim import DkimSigner
 
 from .content.model import Issue
@@ -26,7 +27,7 @@ from .headers import format_address
 from .render.issue import RenderedIssue, fill_slots, render_issue
 from .render.message import ListInfo, PreparedMessage, Recipient, undot
 from .render.templates import make_environment
-from .render.tokens import TokenSigner
+from .render.tokens import TokenError, TokenSigner
 from .settings import Settings
 from .store.base import Campaign, DeliveryCounts, Due, MailingList
 from .store.db import make_engine, migrate
@@ -167,6 +168,11 @@ class Newsletter:
                     f"issue '{issue.key}' was already sent to {names} {when} "
                     f"(campaign {campaign.id}: sent {counts[DeliveryStatus.SENT]}); "
                     "use --again to send it to everyone once more")
+            if campaign.status == CampaignStatus.PAUSED:
+                raise ConflictError(
+                    f"campaign {campaign.id} of issue '{issue.key}' is paused"
+                    + (f" ({campaign.status_note})" if campaign.status_note else "")
+                    + f"; resume it with: newsletter campaigns resume {campaign.id}")
             if not again:
                 return self._resume_plan(issue, campaign, counts, mlists)
         rendered = self.render(issue)
@@ -273,6 +279,34 @@ class Newsletter:
         finally:
             if capture is not None:
                 await capture.stop()
+
+    def record_bounces(self, bounces: Sequence[Bounce], _raw: bytes = b"") -> int:
+        """Record bounces that arrived later; returns how many matched a delivery.
+
+        The VERP token is signed, so it is trusted. Without one, a bounce is matched by the
+        Message-ID's campaign and subscriber only if it names that subscriber's address
+        (Message-IDs are not secret, and a forged bounce must not unsubscribe anyone).
+        """
+        matched = 0
+        for b in bounces:
+            delivery_id: int | None = None
+            if b.verp_token:
+                try:
+                    delivery_id = self.signer.read_bounce_token(b.verp_token)
+                except TokenError:
+                    log.warning("bounce with an invalid VERP token ignored: %s", b.recipient)
+            if delivery_id is None and b.campaign_id and b.subscriber_id and b.recipient:
+                found = self.store.find_delivery(b.campaign_id, b.subscriber_id)
+                if found and found[1].lower() == b.recipient.lower():
+                    delivery_id = found[0]
+            if delivery_id is None:
+                log.info("bounce for %s matches no delivery", b.recipient or "?")
+                continue
+            reason = " ".join(x for x in (b.status, b.diagnostic) if x) or b.action
+            if self.store.record_bounce(delivery_id=delivery_id, hard=b.kind == "hard",
+                                        reason=reason, threshold=self.settings.bounce_threshold):
+                matched += 1
+        return matched
 
     def resume_plan(self, campaign_id: int) -> SendPlan:
         """A plan that continues an existing campaign (resume, retry)."""

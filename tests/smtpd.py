@@ -1,13 +1,15 @@
 """A real SMTP server for tests: aiosmtpd on 127.0.0.1, port 0, in a thread of its own.
 
 It records every message it accepts and can be told to answer a recipient with a 4xx or
-5xx at RCPT or at the end of DATA, or to drop the connection, so tests exercise the
-sender's failure handling over real sockets.
+5xx at RCPT or at the end of DATA, or to drop the connection, to fail a share of messages
+at random (4xx or dropped connections), or to stall, so tests exercise the sender's failure
+handling over real sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,6 +41,13 @@ class Recorder:
     rules: dict[str, Rule] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     delay: float = 0.0  # seconds to wait before answering DATA (slows a send down)
+    # Random faults per message, seeded so a failing run can be replayed: the share of
+    # messages answered 451 at end of DATA, and of connections dropped at RCPT.
+    random_4xx: float = 0.0
+    random_drop: float = 0.0
+    rng: random.Random = field(default_factory=lambda: random.Random(1234))
+    stall: float = 0.0  # seconds to stall before answering RCPT (a hung relay)
+    refused: int = 0    # messages refused or dropped by the random faults
 
     def _rule(self, address: str, stage: str) -> Rule | None:
         rule = self.rules.get(address.lower())
@@ -52,6 +61,13 @@ class Recorder:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
+        if self.stall:
+            await asyncio.sleep(self.stall)
+        if self.random_drop and self.rng.random() < self.random_drop:
+            with self.lock:
+                self.refused += 1
+            server.transport.close()
+            return "421 closing"
         rule = self._rule(address, "rcpt")
         if rule is not None:
             if rule.reply is None:
@@ -69,6 +85,10 @@ class Recorder:
             rule = rule or self._rule(rcpt, "data")
         if rule is not None and rule.reply is not None:
             return rule.reply
+        if self.random_4xx and self.rng.random() < self.random_4xx:
+            with self.lock:
+                self.refused += 1
+            return "451 4.3.0 try again later"
         with self.lock:
             if rule is None or rule.store:
                 self.messages.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos),

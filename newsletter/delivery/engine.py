@@ -14,7 +14,7 @@ second and sliding windows per hour and day, counted in the database across runs
 that fails many times in a row is taken out for a cooldown and its share goes to the others;
 when every relay is out, the campaign pauses with the reason. Temporary failures come back
 after an exponential backoff with jitter, until a maximum age. Another process pauses or
-cancels a campaign through its row; the run sees it within a quarter of a second.
+cancels a campaign through its row; the run sees it within a tenth of a second.
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ class Engine:
         bounce_threshold: int = 1,
         envelope: Callable[[Due], str] | None = None,
         sign: Callable[[bytes], bytes] | None = None,
-        poll: float = 0.25,
+        poll: float = 0.1,
     ) -> None:
         self.store = store
         if isinstance(relay, Sequence):
@@ -401,7 +401,7 @@ class Engine:
                 while not stop.is_set():
                     if slot.out():
                         await _sleep_unless(stop, min(1.0, slot.out_until - time.monotonic()))
-                        if ended.is_set() and queue.empty():
+                        if ended.is_set():  # every row is done; only end marks are left
                             break
                         continue
                     wait, why = slot.pacer.wait()
@@ -409,7 +409,7 @@ class Engine:
                         if why:
                             notes[slot.plan.name] = why
                         await _sleep_unless(stop, min(wait, 1.0))
-                        if ended.is_set() and queue.empty():
+                        if ended.is_set():  # every row is done; only end marks are left
                             break
                         continue
                     notes.pop(slot.plan.name, None)
@@ -475,7 +475,12 @@ class Engine:
             producer.add_done_callback(producer_done)
             tasks.append(producer)
             try:
-                await asyncio.gather(*tasks[:-1])
+                # asyncio.wait, not gather: a cancellation of this run reaches us at once,
+                # even if a worker swallows its own (below).
+                await asyncio.wait(tasks[:-1])
+                for t in tasks[:-1]:
+                    if not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
                 # Workers end on the producer's end marks, or on stop, when the producer may
                 # still be waiting to hand out a row nobody will take.
                 if not producer.done():
@@ -484,6 +489,7 @@ class Engine:
                     await producer
             except BaseException as exc:
                 error = exc
+                stop.set()
                 # Cancel until every task is done: on Python 3.11, asyncio.wait_for (used by
                 # aiosmtplib) can swallow a cancellation that races with a reply (gh-86296),
                 # and a worker that survives it would wait forever for its end-of-queue mark.

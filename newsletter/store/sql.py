@@ -802,6 +802,15 @@ class SqlStore:
             return _bounce_subscriber(conn, subscriber_id, list_id, hard=hard, reason=reason,
                                       threshold=threshold, now=now)
 
+    def find_delivery(self, campaign_id: int, subscriber_id: int) -> tuple[int, str] | None:
+        """(delivery id, address) of one campaign's row for one subscriber."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(deliveries.c.id, subscribers.c.email)
+                               .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
+                               .where(deliveries.c.campaign_id == campaign_id,
+                                      deliveries.c.subscriber_id == subscriber_id)).first()
+        return None if row is None else (int(row.id), str(row.email))
+
     def suppress(self, email: str, *, reason: str, note: str = "") -> bool:
         """Never send to this address again on any list; queued rows are skipped now."""
         now = utcnow()
@@ -842,10 +851,14 @@ class SqlStore:
 
 def _bounce_delivery(conn: Connection, delivery_id: int, *, hard: bool, reason: str,
                      threshold: int, now: dt.datetime, mark_row: bool = False) -> bool:
-    row = conn.execute(select(deliveries.c.subscriber_id, deliveries.c.list_id)
+    row = conn.execute(select(deliveries.c.subscriber_id, deliveries.c.list_id,
+                              deliveries.c.status, deliveries.c.last_error)
                        .where(deliveries.c.id == delivery_id)).first()
     if row is None:
         return False
+    if mark_row and hard and row.status == DeliveryStatus.FAILED_PERM and \
+            (row.last_error or "").startswith("bounced: "):
+        return True  # the same bounce again (an MTA retried, or a rescan): counted once
     if mark_row and hard:
         # It was accepted by the relay ('sent'), then bounced: the ledger says so now.
         conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(
