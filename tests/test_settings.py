@@ -147,3 +147,14 @@ def test_unrelated_variables_are_ignored(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("FROM_ADDRESS", "else@example.com")
     Path(".env").write_text("OTHER_TOOL=1\nNEWSLETTER_FROM=Desk <desk@example.org>\n")
     assert load_settings().sender_email == "desk@example.org"
+
+
+def test_every_setting_is_documented_in_the_example_config() -> None:
+    from newsletter.settings import Settings
+
+    from .conftest import ROOT
+
+    text = (ROOT / "config" / "newsletter.example.toml").read_text(encoding="utf-8")
+    missing = [name for name in Settings.model_fields
+               if f"# {'from' if name == 'from_address' else name} =" not in text]
+    assert not missing, f"not in config/newsletter.example.toml: {missing}"
