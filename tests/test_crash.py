@@ -86,3 +86,54 @@ def test_killed_send_resumes_without_duplicates(tmp_path: Path, smtpd: SmtpTestS
     if unknown:
         assert "unknown" in done.stdout
     assert "sent" in done.stdout.splitlines()[-1] or "sent" in done.stdout
+
+
+def test_killed_again_and_again_then_retry_unknown(tmp_path: Path,
+                                                   smtpd: SmtpTestServer) -> None:
+    """kill -9 at random points, three times; then a run finishes the job and `campaigns
+    retry --unknown` resends only the truly unknown ones."""
+    import random
+
+    n = 900
+    nl = Newsletter(make_settings(tmp_path, smtp_url=smtpd.url))
+    add_subscribers(nl, "news", n)
+    issue = tmp_path / "issue.md"
+    issue.write_text(MD, encoding="utf-8")
+    env = _env(tmp_path, smtpd)
+    rng = random.Random(4)
+    smtpd.recorder.delay = 0.003
+    kills = 0
+    for _ in range(3):
+        target = len(smtpd.messages) + rng.randint(20, 200)
+        proc = subprocess.Popen(_send_cmd(issue), env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while len(smtpd.messages) < target and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.001)
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.wait(20)
+    assert kills == 3 and len(smtpd.messages) < n
+    smtpd.recorder.delay = 0
+    done = subprocess.run(_send_cmd(issue), env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    counts = smtpd.recorder.count_by_rcpt()
+    assert max(counts.values()) == 1, "someone received the issue twice"
+    campaign = nl.store.find_campaigns(load_issue(issue).key)[0]
+    unknown = {e for e, _ in nl.store.deliveries_of(campaign.id, DeliveryStatus.UNKNOWN)}
+    assert len(unknown) <= kills * CONCURRENCY  # at most one per connection per crash
+    assert nl.store.delivery_counts(campaign.id)[DeliveryStatus.SENT] + len(unknown) == n
+    assert {f"user{i}@example.com" for i in range(n)} - set(counts) <= unknown
+
+    retry = subprocess.run([sys.executable, "-m", "newsletter", "campaigns", "retry",
+                            str(campaign.id), "--unknown"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert retry.returncode == 0, retry.stderr
+    counts = smtpd.recorder.count_by_rcpt()
+    assert len(counts) == n  # everyone has it now
+    twice = {r for r, c in counts.items() if c > 1}
+    assert twice <= unknown  # only an unknown may have got a second copy
+    assert nl.store.delivery_counts(campaign.id)[DeliveryStatus.SENT] == n
