@@ -198,13 +198,16 @@ def setup_workspace(var_dir: Path, port: int, n: int, concurrency: int) -> tuple
 
 
 def message_size(nl: Any, plan: Any) -> int:
-    """Bytes of one of our messages as `run` builds it (same campaign, same list)."""
+    """Bytes of one of our messages as `run` builds it (same campaign, same list, and the
+    issue's archive URL as the "view in browser" link, as `Newsletter.run` passes it)."""
+    from newsletter.content.model import Issue
     from newsletter.render.issue import RenderedIssue
     from newsletter.render.message import Recipient
 
     c = plan.campaign
-    message = nl.prepare(RenderedIssue(c.subject, c.html, c.text, ""), plan.lists,
-                         campaign_id=c.id)
+    issue = Issue.model_validate_json(c.issue_json)
+    message = nl.prepare(RenderedIssue(c.subject, c.html, c.text, issue.language), plan.lists,
+                         campaign_id=c.id, issue=issue)
     mlist = plan.lists[0]
     return len(message.build(Recipient(1, mlist.id, "user1@example.com", "User 1")))
 

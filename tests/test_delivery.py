@@ -469,3 +469,22 @@ def test_bounces_scan_reads_a_maildir_once(tmp_path: Path, smtpd: SmtpTestServer
     assert "0 message(s)" in again.stdout
     sub = nl.store.find_subscriber("user2@example.com")
     assert sub is not None and nl.store.bounce_counts(sub.id)[0] == 1
+
+
+def test_a_stalled_relay_times_out_and_the_rows_are_retried_later(
+    tmp_path: Path, smtpd: SmtpTestServer, issue: Path,
+) -> None:
+    nl = Newsletter(make_settings(tmp_path, smtp_url=smtpd.url, smtp_timeout=0.3,
+                                  send_concurrency=2))
+    add_subscribers(nl, "news", 4)
+    smtpd.recorder.stall = 1.0  # answers RCPT after the sender has given up
+    plan, report = _send(nl, issue, "news")
+    counts = nl.store.delivery_counts(plan.campaign.id)
+    assert counts[DeliveryStatus.FAILED_TEMP] == 4 and counts[DeliveryStatus.SENT] == 0
+    assert all("timed out" in e.lower() or "lost" in e.lower()
+               for _, e in nl.store.deliveries_of(plan.campaign.id, DeliveryStatus.FAILED_TEMP))
+    assert report.status == CampaignStatus.RUNNING  # retries due, not "completed"
+    smtpd.recorder.stall = 0.0
+    asyncio.run(nl.run(nl.resume_plan(plan.campaign.id)))
+    got = smtpd.recorder.count_by_rcpt()
+    assert len(got) == 4 and set(got.values()) == {1}
