@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
 import random
 import re
@@ -41,6 +42,8 @@ from ..render.message import PreparedMessage
 from ..store.base import DeliveryStore, Due, Mark, RunStart
 from ..store.schema import CampaignStatus, DeliveryStatus
 from .relay import Connection, Relay
+
+log = logging.getLogger(__name__)
 
 
 def runner_name() -> str:
@@ -453,8 +456,12 @@ class Engine:
                     self.on_progress(progress)
                 if time.monotonic() - beat >= self.poll:
                     beat = time.monotonic()
-                    status = self.store.heartbeat(campaign_id, runner=self.runner,
-                                                  note=progress.note or None)
+                    try:
+                        status = self.store.heartbeat(campaign_id, runner=self.runner,
+                                                      note=progress.note or None)
+                    except Exception as exc:  # a busy database: try again next time
+                        log.warning("heartbeat of campaign %d failed: %s", campaign_id, exc)
+                        continue
                     if status in (CampaignStatus.PAUSED, CampaignStatus.CANCELLED):
                         fail(f"campaign {campaign_id} was {status.value}")
 
