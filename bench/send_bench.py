@@ -249,7 +249,11 @@ def run_ours(nl: Any, plan: Any, timeout: float, sink: subprocess.Popen[bytes],
     if profiler is not None:
         profiler.enable()
     try:
-        report = asyncio.run(asyncio.wait_for(nl.run(plan), timeout))
+        # The event loop `newsletter send` uses (uvloop when installed).
+        from newsletter.service import send_runner
+
+        with send_runner() as runner:
+            report = runner.run(asyncio.wait_for(nl.run(plan), timeout))
     except TimeoutError:
         raise RuntimeError(f"our send did not finish within {timeout:.0f}s (--timeout)") \
             from None

@@ -35,7 +35,7 @@ from .delivery.engine import Progress as SendProgress
 from .delivery.engine import RunReport
 from .errors import ConflictError, NewsletterError, NotFoundError
 from .render.templates import render_template
-from .service import Newsletter, SendPlan
+from .service import Newsletter, SendPlan, send_runner
 from .settings import Settings, load_settings
 from .store.base import DeliveryCounts
 from .store.imports import ImportReport, import_csv, normalize_email
@@ -391,7 +391,9 @@ def _run_with_progress(nl: Newsletter, plan: SendPlan, label: str,
                        rate=p.note or f"{p.rate:,.0f} msg/s")
 
         try:
-            return asyncio.run(nl.run(plan, on_progress=update, force_capture=force_capture))
+            with send_runner() as runner:
+                return runner.run(nl.run(plan, on_progress=update,
+                                         force_capture=force_capture))
         except KeyboardInterrupt:
             bar.stop()
             err.print("interrupted: what was sent is recorded; run the same command again to "

@@ -119,7 +119,7 @@ def verp_token(address: str, *, local_prefix: str = "bounce") -> str | None:
     """TOKEN from 'bounce+TOKEN@domain' (case-insensitive prefix, token lowercased); None
     otherwise. Tolerates '<>' and whitespace around the address."""
     pattern = (r"\s*<?\s*" + re.escape(local_prefix)
-               + r"\+([a-z2-7]+)@[^\s@<>]+\.?\s*>?\s*")
+               + r"\+([a-z0-9]+)@[^\s@<>]+\.?\s*>?\s*")
     match = re.fullmatch(pattern, address, re.IGNORECASE)
     return match.group(1).lower() if match else None
 
