@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -63,6 +64,26 @@ app.add_typer(issue_app, name="issue")
 campaigns_app = typer.Typer(help="See and steer campaigns: ls, show, pause, resume, cancel, "
                             "retry.", no_args_is_help=True)
 app.add_typer(campaigns_app, name="campaigns")
+
+
+class _ScheduleGroup(typer.core.TyperGroup):
+    """`newsletter schedule FILE ...` and `schedule --digest ...` mean `schedule add ...`;
+    `schedule ls|pause|...` are subcommands."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["add", *args]
+        return super().parse_args(ctx, args)
+
+
+schedule_app = typer.Typer(cls=_ScheduleGroup, no_args_is_help=True,
+                           help="Schedule sends: newsletter schedule FILE --list SLUG --at "
+                           "'YYYY-MM-DD HH:MM' [--tz ZONE] | --digest NAME --cron '0 8 * * MON'; "
+                           "ls, pause, resume, cancel, run-now, update.")
+app.add_typer(schedule_app, name="schedule")
+digest_app = typer.Typer(help="Recurring digests assembled from an inbox folder and feeds.",
+                         no_args_is_help=True)
+app.add_typer(digest_app, name="digest")
 bounces_app = typer.Typer(help="Receive bounces (delivery status notifications) and record "
                           "them.", no_args_is_help=True)
 app.add_typer(bounces_app, name="bounces")
@@ -189,7 +210,10 @@ def _serve(nl: Newsletter, host: str | None, port: int | None) -> None:
         out.print(f"no SMTP relay configured: confirmation mail goes to the capture outbox "
                   f"{nl.settings.outbox_dir}", highlight=False)
     out.print(f"serving {nl.settings.base_url} on http://{host}:{port}", highlight=False)
-    uvicorn.run(create_app(nl), host=host, port=port, log_level="warning",
+    if nl.settings.scheduler_in_serve:
+        out.print("the scheduler runs here too (set scheduler_in_serve = false to run it "
+                  "apart with: newsletter scheduler)", highlight=False)
+    uvicorn.run(create_app(nl, scheduler=True), host=host, port=port, log_level="warning",
                 proxy_headers=True, server_header=False)
 
 
@@ -436,6 +460,167 @@ def _counts_line(counts: DeliveryCounts) -> str:
     line += f", unknown {counts[DeliveryStatus.UNKNOWN]:,}"
     line += f", skipped {counts[DeliveryStatus.SKIPPED]:,}, remaining {counts.remaining:,}"
     return line
+
+
+# --- scheduling -------------------------------------------------------------------------------
+
+@schedule_app.command("add", hidden=True)
+def schedule_add(
+    file: Annotated[Path | None, typer.Argument(help="Issue file to send at --at.")] = None,
+    list_slugs: Annotated[list[str] | None, typer.Option(
+        "--list", "-l", help="Target list; repeat for several.")] = None,
+    at: Annotated[str | None, typer.Option(help="When: 'YYYY-MM-DD HH:MM' in --tz.")] = None,
+    tz: Annotated[str, typer.Option(help="Time zone of --at or --cron, e.g. Europe/Berlin.")]
+    = "UTC",
+    digest: Annotated[str | None, typer.Option(help="A recurring digest's name "
+                                               "(config/digests/NAME.yaml).")] = None,
+    cron: Annotated[str | None, typer.Option(help="When a digest recurs, e.g. '0 8 * * MON'.")]
+    = None,
+) -> None:
+    """Schedule an issue at a time, or a recurring digest on a cron expression."""
+    from .scheduling import Schedules, parse_at
+
+    schedules = Schedules(_state.app)
+    if digest is not None:
+        if file is not None or at is not None or not cron:
+            raise NewsletterError("a digest takes --digest NAME --cron '...' [--tz ZONE]")
+        sched = schedules.add_digest(digest, cron=cron, tz=tz)
+    else:
+        if file is None or not list_slugs or at is None:
+            raise NewsletterError("usage: newsletter schedule FILE --list SLUG --at "
+                                  "'YYYY-MM-DD HH:MM' [--tz ZONE]")
+        sched = schedules.add_once(file, list_slugs, at=parse_at(at, tz), tz=tz)
+    nxt = schedules.next_run(sched)
+    when = _both_zones(nxt, sched.tz) if nxt else "?"
+    out.print(f"schedule {sched.id}: next run {when}", highlight=False)
+
+
+def _both_zones(when: dt.datetime, tz: str) -> str:
+    from .scheduling import zone
+
+    local = when.astimezone(zone(tz))
+    return f"{local:%Y-%m-%d %H:%M} {tz} ({when.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC)"
+
+
+@schedule_app.command("ls")
+def schedule_ls() -> None:
+    """List schedules with their next run (in their zone and in UTC) and last outcome."""
+    from .scheduling import Schedules
+
+    schedules = Schedules(_state.app)
+    found = schedules.store.all()
+    if not found:
+        out.print("no schedules; add one with: newsletter schedule FILE --list SLUG --at ...")
+        return
+    table = Table("id", "what", "status", "next run", "last run", box=None)
+    for sched in found:
+        what = (f"digest {sched.digest} ({sched.cron})" if sched.kind == "digest"
+                else f"{sched.issue_path} (campaign {sched.campaign_id})")
+        nxt = schedules.next_run(sched) if sched.status in ("active", "paused") else None
+        runs = schedules.store.runs(sched.id)
+        last = (f"{runs[-1].outcome} at {runs[-1].fire_time:%Y-%m-%d %H:%M} UTC, "
+                f"{runs[-1].lateness:.1f} s late" if runs else "")
+        table.add_row(str(sched.id), what, sched.status,
+                      _both_zones(nxt, sched.tz) if nxt else "-", last)
+    out.print(table)
+
+
+ScheduleArg = Annotated[int, typer.Argument(help="The schedule's id (see: newsletter "
+                                                 "schedule ls).")]
+
+
+@schedule_app.command("pause")
+def schedule_pause(schedule_id: ScheduleArg) -> None:
+    """Pause a schedule (it does not fire until resumed)."""
+    from .scheduling import Schedules
+
+    Schedules(_state.app).pause(schedule_id)
+    out.print(f"paused schedule {schedule_id}")
+
+
+@schedule_app.command("resume")
+def schedule_resume(schedule_id: ScheduleArg) -> None:
+    """Resume a paused schedule."""
+    from .scheduling import Schedules
+
+    Schedules(_state.app).resume(schedule_id)
+    out.print(f"resumed schedule {schedule_id}")
+
+
+@schedule_app.command("cancel")
+def schedule_cancel(schedule_id: ScheduleArg) -> None:
+    """Cancel a schedule for good (a one-off's campaign is cancelled with it)."""
+    from .scheduling import Schedules
+
+    Schedules(_state.app).cancel(schedule_id)
+    out.print(f"cancelled schedule {schedule_id}")
+
+
+@schedule_app.command("run-now")
+def schedule_run_now(schedule_id: ScheduleArg) -> None:
+    """Fire a schedule now (the running scheduler picks it up within a second)."""
+    from .scheduling import Schedules
+
+    Schedules(_state.app).run_now(schedule_id)
+    out.print(f"schedule {schedule_id} is due now")
+
+
+@schedule_app.command("update")
+def schedule_update(
+    schedule_id: ScheduleArg,
+    file: Annotated[Path, typer.Argument(help="The issue file, edited.")],
+) -> None:
+    """Re-render a scheduled issue from its file (before it goes out)."""
+    from .scheduling import Schedules
+
+    Schedules(_state.app).update(schedule_id, file)
+    out.print(f"schedule {schedule_id}: the issue was rendered again")
+
+
+@digest_app.command("preview")
+def digest_preview(
+    name: Annotated[str, typer.Argument(help="The digest's name (config/digests/NAME.yaml).")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write the preview "
+                                                 "[var/digests/NAME/preview].")] = None,
+) -> None:
+    """Assemble and render the next issue of a digest without sending it."""
+    nl = _state.app
+    target = out_dir or nl.settings.var_dir / "digests" / name / "preview"
+    assembly, built = nl.preview_digest(name, target)
+    for origin, reason in assembly.skipped:
+        err.print(f"skipped: {origin}: {reason}")
+    if built is None:
+        out.print(f"digest {name}: no new items for issue {assembly.number}; it would be "
+                  "skipped", highlight=False)
+        return
+    out.print(f"digest {name}, issue {assembly.number}: {len(assembly.items)} items",
+              highlight=False)
+    out.print(f"  issue file: {target / f'{assembly.number}.md'}", highlight=False)
+    out.print(f"  HTML:       {built.html} ({built.html_bytes / 1024:.1f} KB)", highlight=False)
+    out.print(f"  text:       {built.text}", highlight=False)
+
+
+@app.command("scheduler")
+def scheduler_run() -> None:
+    """Run the scheduler alone (it also runs inside newsletter serve); Ctrl-C stops it."""
+    from .scheduling import Scheduler
+
+    nl = _state.app
+
+    def fired(schedule_id: int, outcome: str) -> None:
+        out.print(f"schedule {schedule_id}: {outcome}", highlight=False)
+
+    async def run() -> None:
+        scheduler = Scheduler(nl, on_fired=fired)
+        await scheduler.start()
+        out.print("scheduler running (one per database fires jobs; others wait); Ctrl-C stops")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await scheduler.stop()
+
+    with contextlib.suppress(KeyboardInterrupt), send_runner() as runner:
+        runner.run(run())
 
 
 # --- bounces ----------------------------------------------------------------------------------

@@ -4,26 +4,28 @@ delivery. Nothing here parses arguments or prints."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
 if TYPE_CHECKING:
     from .delivery.bounces import Bounce
     from .delivery.dkim import DkimSigner
+    from .store.schedules import Schedule
 
 from .content.model import Issue
 from .content.parse import load_issue
 from .delivery.capture import CaptureServer
 from .delivery.engine import Engine, Progress, RelayPlan, RetryPolicy, RunReport, runner_is_dead
 from .delivery.relay import SmtpRelayClient
-from .errors import ConflictError
+from .errors import ConflictError, NotFoundError
 from .headers import format_address
 from .render.issue import RenderedIssue, fill_slots, render_issue
 from .render.message import ListInfo, PreparedMessage, Recipient, undot
@@ -32,6 +34,7 @@ from .render.tokens import TokenError, TokenSigner
 from .settings import Settings
 from .store.base import Campaign, DeliveryCounts, Due, MailingList
 from .store.db import make_engine, migrate
+from .store.schedules import ScheduleStore
 from .store.schema import CampaignStatus, DeliveryStatus
 from .store.sql import SqlStore
 
@@ -321,6 +324,57 @@ class Newsletter:
                                         reason=reason, threshold=self.settings.bounce_threshold):
                 matched += 1
         return matched
+
+    def digest_state(self, name: str) -> tuple[int, dt.datetime | None]:
+        """(next issue number, cutoff of the last issue sent) for a digest, over all its
+        schedules."""
+        schedules = ScheduleStore(self.store.engine)
+        sent = [r for s in schedules.all() if s.kind == "digest" and s.digest == name
+                for r in schedules.runs(s.id) if r.outcome == "sent"]
+        last = max((r.fire_time for r in sent), default=None)
+        return len(sent) + 1, last
+
+    def preview_digest(self, name: str, out_dir: Path) -> tuple[Any, BuildResult | None]:
+        """Assemble the next issue of a digest and render it, without sending or archiving."""
+        from . import digest
+
+        definitions = digest.load_definitions(self.settings.digests_dir,
+                                              archive_root=self.settings.var_dir / "digests")
+        if name not in definitions:
+            raise NotFoundError(f"no digest {name!r} in {self.settings.digests_dir}")
+        number, since = self.digest_state(name)
+        assembly = digest.preview(definitions[name], number=number, since=since,
+                                  now=dt.datetime.now(dt.UTC))
+        if assembly.issue is None or assembly.markdown is None:
+            return assembly, None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        source = out_dir / f"{number}.md"
+        source.write_text(assembly.markdown, encoding="utf-8")
+        return assembly, self.build_files(source, out_dir)
+
+    async def fire_digest(self, schedule: Schedule, fire_time: dt.datetime) \
+            -> tuple[str, int | None, str]:
+        """Assemble a recurring digest from what arrived since its last issue, archive the
+        assembled file, and send it. Returns (outcome, campaign id, note)."""
+        from . import digest
+
+        definitions = digest.load_definitions(self.settings.digests_dir,
+                                              archive_root=self.settings.var_dir / "digests")
+        if schedule.digest not in definitions:
+            raise NotFoundError(f"no digest {schedule.digest!r} in {self.settings.digests_dir}")
+        defn = definitions[schedule.digest]
+        number, since = self.digest_state(defn.name)
+        assembly = digest.assemble(defn, number=number, since=since, now=fire_time, write=True)
+        skipped = "; ".join(f"{o}: {why}" for o, why in assembly.skipped)
+        if assembly.issue is None:
+            if self.settings.digest_skip_empty:
+                return "skipped", None, "no new items" + (f" ({skipped})" if skipped else "")
+            raise ConflictError(f"digest {defn.name} has no items to send")
+        assert assembly.path is not None
+        plan = self.plan_send(assembly.path, list(defn.lists))
+        report = await self.run(plan, retry_now=False)
+        note = f"issue {number}: {len(assembly.items)} items, sent {report.progress.sent}"
+        return "sent", plan.campaign.id, note + (f"; skipped {skipped}" if skipped else "")
 
     def resume_plan(self, campaign_id: int) -> SendPlan:
         """A plan that continues an existing campaign (resume, retry)."""

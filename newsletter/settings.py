@@ -181,6 +181,10 @@ class Settings(BaseSettings):
     bounce_address: str = ""
     bounce_host: str = "127.0.0.1"
     bounce_port: int = Field(default=2525, ge=0, le=65535)
+    schedule_grace_seconds: float = Field(default=3600.0, ge=1)
+    scheduler_in_serve: bool = True
+    digests_dir: Path = Path("config/digests")
+    digest_skip_empty: bool = True
     dkim_key_file: Path | None = None
     dkim_selector: str = ""
     dkim_domain: str = ""

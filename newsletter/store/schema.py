@@ -207,3 +207,44 @@ relay_usage = Table(
     Column("second", Integer, primary_key=True),  # Unix time, whole seconds
     Column("count", Integer, nullable=False),
 )
+
+# Scheduled sends: a one-off issue at a time (its campaign rendered when scheduled) or a
+# recurring digest on a cron expression in a time zone. APScheduler keeps the timing in its
+# own table (apscheduler_jobs); this is what editors see and what a firing checks.
+schedules = Table(
+    "schedules", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),          # once, digest
+    Column("campaign_id", Integer, ForeignKey("campaigns.id", ondelete="SET NULL"),
+           nullable=True),
+    Column("issue_path", Text, nullable=True),
+    Column("digest", String(64), nullable=True),
+    Column("run_at", TZ, nullable=True),
+    Column("cron", String(120), nullable=True),
+    Column("tz", String(64), nullable=False),
+    Column("status", String(16), nullable=False),        # active, paused, cancelled, done, missed
+    Column("created_at", TZ, nullable=False),
+)
+
+# One row per firing: unique on (schedule, fire time), so a job that fires twice for the
+# same time (two processes, a restart) creates one campaign.
+schedule_runs = Table(
+    "schedule_runs", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("schedule_id", Integer, ForeignKey("schedules.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("fire_time", TZ, nullable=False),
+    Column("started_at", TZ, nullable=False),
+    Column("outcome", String(16), nullable=False),       # started, sent, skipped, missed, failed
+    Column("campaign_id", Integer, nullable=True),
+    Column("note", Text, nullable=False, default="", server_default=""),
+    UniqueConstraint("schedule_id", "fire_time"),
+)
+
+# Leases: only the holder of 'scheduler' fires jobs for this database.
+locks = Table(
+    "locks", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(200), nullable=False),
+    Column("expires_at", TZ, nullable=False),
+)

@@ -523,6 +523,17 @@ class SqlStore:
                          [{"campaign_id": cid, "list_id": lid} for lid in list_ids])
         return self.get_campaign(cid)
 
+    def update_campaign_content(self, campaign_id: int, *, issue_key: str, content_hash: str,
+                                subject: str, issue_json: str, html: str, text: str) -> None:
+        """Replace a campaign's rendered issue, only while nothing has been sent."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(update(campaigns).where(
+                campaigns.c.id == campaign_id, campaigns.c.started_at.is_(None),
+            ).values(issue_key=issue_key, content_hash=content_hash, subject=subject,
+                     issue_json=issue_json, html=html, text=text)).rowcount
+        if not changed:
+            raise ConflictError(f"campaign {campaign_id} has started; its issue is fixed")
+
     def get_campaign(self, campaign_id: int) -> Campaign:
         with self.engine.connect() as conn:
             row = conn.execute(select(campaigns).where(campaigns.c.id == campaign_id)).first()

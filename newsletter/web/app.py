@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
@@ -25,6 +25,9 @@ from ..render.issue import issue_context
 from ..render.templates import make_environment, render_template
 from ..render.tokens import TokenError, TokenExpiredError
 from ..service import Newsletter
+
+if TYPE_CHECKING:
+    from ..scheduling import Scheduler
 from ..store.base import ArchiveEntry, MailingList
 from ..subscriptions import (
     SUPPORTED_LANGUAGES,
@@ -53,9 +56,12 @@ _ONE_CLICK = "List-Unsubscribe=One-Click"
 class WebApp:
     """Routes' shared state: the application, its subscription rules, a small render cache."""
 
-    def __init__(self, nl: Newsletter, relay: Relay | None) -> None:
+    def __init__(self, nl: Newsletter, relay: Relay | None, *, run_scheduler: bool = False) \
+            -> None:
         self.nl = nl
         self.relay = relay
+        self.run_scheduler = run_scheduler
+        self.scheduler: Scheduler | None = None
         self.capture: CaptureServer | None = None
         self._subs: Subscriptions | None = None
         self._issue_cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
@@ -83,8 +89,16 @@ class WebApp:
                                         timeout=self.nl.settings.smtp_timeout)
         self.nl.store  # noqa: B018 - open and migrate the database before the first request
         self._subs = Subscriptions(self.nl, relay)
+        if self.run_scheduler and self.nl.settings.scheduler_in_serve:
+            from ..scheduling import Scheduler
+
+            # One process per database fires jobs (a lease); this one waits if another has it.
+            self.scheduler = Scheduler(self.nl)
+            await self.scheduler.start()
 
     async def stop(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         if self.capture is not None:
             await self.capture.stop()
         self.nl.store.close()
@@ -146,10 +160,12 @@ async def _form(request: Request) -> dict[str, str]:
     return {}
 
 
-def create_app(nl: Newsletter, *, relay: Relay | None = None) -> FastAPI:
+def create_app(nl: Newsletter, *, relay: Relay | None = None,
+               scheduler: bool = False) -> FastAPI:
     """The web app. `relay` carries confirmation mail; default: SMTP_URL, else a capture
-    server started with the app. The lifespan hook is where long-running parts start."""
-    web = WebApp(nl, relay)
+    server started with the app. The lifespan hook is where long-running parts start: with
+    `scheduler` (as `newsletter serve` does), the scheduler."""
+    web = WebApp(nl, relay, run_scheduler=scheduler)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

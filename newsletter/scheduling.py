@@ -1,0 +1,322 @@
+"""Scheduled sends on APScheduler 3: one-off issues at a time, recurring digests on a cron.
+
+Jobs persist in APScheduler's SQLAlchemy job store in the same database, so they survive
+restarts. Only one process fires them: the holder of the 'scheduler' lease (a row in
+`locks`, renewed every few seconds); the others wait to take over. A firing first records
+a row unique on (schedule, fire time), so even a job that fires twice for the same time
+sends once. Recipients are resolved when the send starts, not when it was scheduled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import zoneinfo
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from apscheduler.events import (
+    EVENT_JOB_MISSED,
+    EVENT_JOB_SUBMITTED,
+    JobExecutionEvent,
+    JobSubmissionEvent,
+)
+from apscheduler.job import Job
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
+
+from .content.parse import load_issue
+from .delivery.engine import runner_name
+from .errors import ConfigError, ConflictError
+from .store.schedules import Schedule, ScheduleStore
+
+if TYPE_CHECKING:
+    from .service import Newsletter
+
+log = logging.getLogger(__name__)
+
+LOCK = "scheduler"
+JOB_FUNC = "newsletter.scheduling:fire"
+
+# APScheduler stores a job as a reference to a module-level function plus its arguments, so
+# the firing function cannot be a bound method: it finds the running scheduler here.
+_ACTIVE: Scheduler | None = None
+
+
+def zone(name: str) -> zoneinfo.ZoneInfo:
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError("--tz", f"unknown time zone {name!r} (e.g. Europe/Berlin, "
+                                  "Asia/Shanghai, UTC)") from None
+
+
+def parse_at(text: str, tz: str) -> dt.datetime:
+    """'2026-12-01 08:00' in zone tz, as an aware datetime."""
+    try:
+        naive = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError("--at", f"not a date and time: {text!r} (use 'YYYY-MM-DD HH:MM')") \
+            from None
+    return naive.replace(tzinfo=zone(tz)) if naive.tzinfo is None else naive
+
+
+def cron_trigger(cron: str, tz: str) -> CronTrigger:
+    try:
+        return CronTrigger.from_crontab(cron, timezone=zone(tz))
+    except ValueError as exc:
+        raise ConfigError("--cron", f"{cron!r}: {exc}") from None
+
+
+def _job_store(nl: Newsletter) -> SQLAlchemyJobStore:
+    """The shared job store, opened without a running scheduler: editors' commands change
+    jobs here and the running scheduler (any process) sees them at its next wake-up, within
+    a second. A scheduler object is needed only to build Job objects; it is never started,
+    so nothing can fire in this process."""
+    store = SQLAlchemyJobStore(engine=nl.store.engine)
+    store.start(BlockingScheduler(timezone=dt.UTC), "default")
+    return store
+
+
+class Schedules:
+    """The editor's operations on schedules (CLI, API): no scheduler needs to run here."""
+
+    def __init__(self, nl: Newsletter) -> None:
+        self.nl = nl
+        self.store = ScheduleStore(nl.store.engine)
+
+    def add_once(self, path: Any, slugs: list[str], *, at: dt.datetime, tz: str) -> Schedule:
+        """Validate and render the issue now (what was previewed is what goes out)."""
+        if at <= dt.datetime.now(dt.UTC):
+            raise ConflictError(f"{at:%Y-%m-%d %H:%M %Z} is in the past")
+        plan = self.nl.plan_send(path, slugs)
+        if not plan.new:
+            raise ConflictError(f"issue is already in campaign {plan.campaign.id}; "
+                                "schedule another issue or resume that campaign")
+        schedule = self.store.create(kind="once", tz=tz, campaign_id=plan.campaign.id,
+                                     issue_path=str(path), run_at=at.astimezone(dt.UTC))
+        self._add_job(schedule, DateTrigger(run_date=at))
+        return schedule
+
+    def add_digest(self, name: str, *, cron: str, tz: str) -> Schedule:
+        trigger = cron_trigger(cron, tz)
+        schedule = self.store.create(kind="digest", tz=tz, digest=name, cron=cron)
+        self._add_job(schedule, trigger)
+        return schedule
+
+    def _add_job(self, schedule: Schedule, trigger: Any) -> None:
+        store = _job_store(self.nl)
+        job = Job(store._scheduler, id=f"schedule-{schedule.id}", func=JOB_FUNC,
+                  args=[schedule.id], kwargs={}, trigger=trigger, executor="default",
+                  name=f"schedule {schedule.id}", coalesce=True, max_instances=1,
+                  misfire_grace_time=int(self.nl.settings.schedule_grace_seconds),
+                  next_run_time=trigger.get_next_fire_time(None, dt.datetime.now(dt.UTC)))
+        store.add_job(job)
+
+    def update(self, schedule_id: int, path: Any) -> Schedule:
+        """Re-render a one-off schedule's issue from its file (before it has fired)."""
+        schedule = self.store.get(schedule_id)
+        if schedule.kind != "once" or schedule.campaign_id is None:
+            raise ConflictError(f"schedule {schedule_id} is not a one-off issue")
+        if schedule.status not in ("active", "paused"):
+            raise ConflictError(f"schedule {schedule_id} is {schedule.status}")
+        issue = load_issue(path)
+        rendered = self.nl.render(issue)
+        self.nl.store.update_campaign_content(
+            schedule.campaign_id, issue_key=issue.key, content_hash=issue.content_hash(),
+            subject=rendered.subject, issue_json=issue.model_dump_json(), html=rendered.html,
+            text=rendered.text)
+        return schedule
+
+    def next_run(self, schedule: Schedule) -> dt.datetime | None:
+        job = _job_store(self.nl).lookup_job(f"schedule-{schedule.id}")
+        return job.next_run_time if job is not None else None
+
+    def pause(self, schedule_id: int) -> None:
+        self._modify(schedule_id, next_run_time=None)
+        self.store.set_status(schedule_id, "paused")
+
+    def resume(self, schedule_id: int) -> None:
+        store = _job_store(self.nl)
+        job = self._lookup(store, schedule_id)
+        job._modify(next_run_time=job.trigger.get_next_fire_time(None, dt.datetime.now(dt.UTC)))
+        store.update_job(job)
+        self.store.set_status(schedule_id, "active")
+
+    def cancel(self, schedule_id: int) -> None:
+        schedule = self.store.get(schedule_id)
+        with contextlib.suppress(JobLookupError):
+            _job_store(self.nl).remove_job(f"schedule-{schedule_id}")
+        self.store.set_status(schedule_id, "cancelled")
+        if schedule.campaign_id is not None:
+            self.nl.store.cancel_campaign(schedule.campaign_id)
+
+    def run_now(self, schedule_id: int) -> None:
+        """Make the job due now; the running scheduler fires it within a second."""
+        self._modify(schedule_id, next_run_time=dt.datetime.now(dt.UTC))
+
+    def _lookup(self, store: SQLAlchemyJobStore, schedule_id: int) -> Job:
+        self.store.get(schedule_id)
+        job = store.lookup_job(f"schedule-{schedule_id}")
+        if job is None:
+            raise ConflictError(f"schedule {schedule_id} has no pending job (it fired, or was "
+                                "cancelled)")
+        return job
+
+    def _modify(self, schedule_id: int, **changes: Any) -> None:
+        store = _job_store(self.nl)
+        job = self._lookup(store, schedule_id)
+        job._modify(**changes)
+        store.update_job(job)
+
+
+class Scheduler:
+    """The process that fires jobs, while it holds the lease; start it from the web app's
+    lifespan or from `newsletter scheduler`."""
+
+    def __init__(self, nl: Newsletter, *, lease: float = 15.0, tick: float = 1.0,
+                 on_fired: Callable[[int, str], None] | None = None) -> None:
+        self.nl = nl
+        self.store = ScheduleStore(nl.store.engine)
+        self.lease = lease
+        self.tick = tick          # how often to renew the lease and re-read the job store
+        self.holder = runner_name() + f":{id(self):x}"
+        self.on_fired = on_fired
+        self.scheduler: AsyncIOScheduler | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._due: dict[str, dt.datetime] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.scheduler is not None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._keep())
+
+    async def stop(self) -> None:
+        global _ACTIVE
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._release()
+        if _ACTIVE is self:
+            _ACTIVE = None
+
+    def _release(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+            self.scheduler = None
+        with contextlib.suppress(Exception):
+            self.store.release_lock(LOCK, self.holder)
+
+    async def _keep(self) -> None:
+        """Hold the lease (or wait for it), and wake the scheduler up every tick so jobs
+        added or changed by other processes are seen at once."""
+        global _ACTIVE
+        while True:
+            try:
+                have = self.store.take_lock(LOCK, self.holder, lease=self.lease)
+            except Exception as exc:  # a busy database: keep what we have, try again
+                log.warning("scheduler lease check failed: %s", exc)
+                have = self.scheduler is not None
+            if have and self.scheduler is None:
+                _ACTIVE = self
+                self.scheduler = AsyncIOScheduler(
+                    jobstores={"default": SQLAlchemyJobStore(engine=self.nl.store.engine)},
+                    timezone=dt.UTC)
+                self.scheduler.add_listener(self._missed, EVENT_JOB_MISSED)
+                self.scheduler.add_listener(self._submitted, EVENT_JOB_SUBMITTED)
+                self.scheduler.start()
+                log.info("scheduler %s holds the lease and fires jobs", self.holder)
+            elif not have and self.scheduler is not None:
+                log.warning("scheduler %s lost the lease; another process fires jobs now",
+                            self.holder)
+                self.scheduler.shutdown(wait=False)
+                self.scheduler = None
+            if self.scheduler is not None:
+                self.scheduler.wakeup()
+            await asyncio.sleep(self.tick)
+
+    def _submitted(self, event: JobSubmissionEvent) -> None:
+        """Remember the time a job was due: the firing's identity (the job itself is told
+        nothing by APScheduler). Called before the job's coroutine starts."""
+        if event.scheduled_run_times:
+            self._due[event.job_id] = max(event.scheduled_run_times).astimezone(dt.UTC)
+
+    def _missed(self, event: JobExecutionEvent) -> None:
+        """A job found past its grace time when the scheduler (re)started: recorded, never
+        run late."""
+        schedule_id = int(event.job_id.removeprefix("schedule-"))
+        fire = event.scheduled_run_time
+        run = self.store.start_run(schedule_id, fire, outcome="missed",
+                                   note="nothing was running within the grace period")
+        if run is not None:
+            log.warning("schedule %d missed its run at %s", schedule_id, fire)
+            schedule = self.store.get(schedule_id)
+            if schedule.kind == "once":
+                self.store.set_status(schedule_id, "missed")
+            if self.on_fired:
+                self.on_fired(schedule_id, "missed")
+
+    async def fire(self, schedule_id: int) -> str:
+        """Run one firing of a schedule: once per (schedule, fire time), wherever it runs."""
+        schedule = self.store.get(schedule_id)
+        fire_time = self._due.pop(f"schedule-{schedule_id}", None) or self._fire_time(schedule)
+        run = self.store.start_run(schedule_id, fire_time)
+        if run is None:
+            log.info("schedule %d already fired for %s", schedule_id, fire_time)
+            return "duplicate"
+        outcome, campaign_id, note = "failed", None, ""
+        try:
+            if schedule.kind == "once":
+                assert schedule.campaign_id is not None
+                campaign_id = schedule.campaign_id
+                plan = self.nl.resume_plan(campaign_id)
+                report = await self.nl.run(plan, retry_now=False)
+                outcome = "sent"
+                note = (f"sent {report.progress.sent}"
+                        + (f"; {report.aborted}" if report.aborted else ""))
+                self.store.set_status(schedule_id, "done")
+            else:
+                outcome, campaign_id, note = await self.nl.fire_digest(schedule, fire_time)
+        except Exception as exc:
+            note = str(exc)
+            log.error("schedule %d failed: %s", schedule_id, exc)
+        finally:
+            self.store.finish_run(run.id, outcome=outcome, campaign_id=campaign_id, note=note)
+            if self.on_fired:
+                self.on_fired(schedule_id, outcome)
+        return outcome
+
+    def _fire_time(self, schedule: Schedule) -> dt.datetime:
+        """Fallback for the time this firing was due (normally known from the submission
+        event): the one-off time, or the cron's latest fire time."""
+        if schedule.kind == "once":
+            assert schedule.run_at is not None
+            return schedule.run_at
+        assert schedule.cron is not None
+        trigger = cron_trigger(schedule.cron, schedule.tz)
+        now = dt.datetime.now(dt.UTC)
+        t = trigger.get_next_fire_time(None, now - dt.timedelta(
+            seconds=self.nl.settings.schedule_grace_seconds + 1))
+        last = t
+        while t is not None and t <= now:
+            last = t
+            t = trigger.get_next_fire_time(t, t + dt.timedelta(microseconds=1))
+        assert last is not None
+        fire_time: dt.datetime = last.astimezone(dt.UTC)
+        return fire_time
+
+
+async def fire(schedule_id: int) -> str:
+    """The job function APScheduler persists (by reference)."""
+    if _ACTIVE is None:
+        raise RuntimeError("no scheduler is running in this process")
+    return await _ACTIVE.fire(schedule_id)
