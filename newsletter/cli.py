@@ -476,6 +476,9 @@ def schedule_add(
                                                "(config/digests/NAME.yaml).")] = None,
     cron: Annotated[str | None, typer.Option(help="When a digest recurs, e.g. '0 8 * * MON'.")]
     = None,
+    local_time: Annotated[bool, typer.Option(
+        "--local-time", help="Deliver at --at's wall-clock time in each subscriber's zone "
+        "(their tz attribute, else --tz).")] = False,
 ) -> None:
     """Schedule an issue at a time, or a recurring digest on a cron expression."""
     from .scheduling import Schedules, parse_at
@@ -489,7 +492,8 @@ def schedule_add(
         if file is None or not list_slugs or at is None:
             raise NewsletterError("usage: newsletter schedule FILE --list SLUG --at "
                                   "'YYYY-MM-DD HH:MM' [--tz ZONE]")
-        sched = schedules.add_once(file, list_slugs, at=parse_at(at, tz), tz=tz)
+        sched = schedules.add_once(file, list_slugs, at=parse_at(at, tz), tz=tz,
+                                   local_time=local_time)
     nxt = schedules.next_run(sched)
     when = _both_zones(nxt, sched.tz) if nxt else "?"
     out.print(f"schedule {sched.id}: next run {when}", highlight=False)

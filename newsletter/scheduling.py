@@ -91,18 +91,41 @@ class Schedules:
         self.nl = nl
         self.store = ScheduleStore(nl.store.engine)
 
-    def add_once(self, path: Any, slugs: list[str], *, at: dt.datetime, tz: str) -> Schedule:
-        """Validate and render the issue now (what was previewed is what goes out)."""
-        if at <= dt.datetime.now(dt.UTC):
-            raise ConflictError(f"{at:%Y-%m-%d %H:%M %Z} is in the past")
+    def add_once(self, path: Any, slugs: list[str], *, at: dt.datetime, tz: str,
+                 local_time: bool = False) -> Schedule:
+        """Validate and render the issue now (what was previewed is what goes out).
+
+        local_time: `at`'s wall-clock time in each subscriber's own zone (their `tz`
+        attribute, else `tz`); the first firing is at the earliest of those zones, and each
+        firing schedules the next zone's release.
+        """
+        first = self._first_release(slugs, at, tz) if local_time else at
+        if first <= dt.datetime.now(dt.UTC):
+            raise ConflictError(f"{first:%Y-%m-%d %H:%M %Z} is in the past")
         plan = self.nl.plan_send(path, slugs)
         if not plan.new:
             raise ConflictError(f"issue is already in campaign {plan.campaign.id}; "
                                 "schedule another issue or resume that campaign")
         schedule = self.store.create(kind="once", tz=tz, campaign_id=plan.campaign.id,
-                                     issue_path=str(path), run_at=at.astimezone(dt.UTC))
-        self._add_job(schedule, DateTrigger(run_date=at))
+                                     issue_path=str(path), run_at=at.astimezone(dt.UTC),
+                                     local_time=local_time)
+        self._add_job(schedule, DateTrigger(run_date=first))
         return schedule
+
+    def _first_release(self, slugs: list[str], at: dt.datetime, tz: str) -> dt.datetime:
+        """The earliest wall-clock `at` among the zones of the lists' subscribers now."""
+        wall = at.replace(tzinfo=None)
+        names = {tz}
+        for slug in slugs:
+            mlist = self.nl.store.get_list(slug)
+            for member in self.nl.store.members(mlist.id):
+                if member.attributes.get("tz"):
+                    names.add(str(member.attributes["tz"]))
+        times = []
+        for name in names:
+            with contextlib.suppress(ConfigError):
+                times.append(wall.replace(tzinfo=zone(name)).astimezone(dt.UTC))
+        return min(times)
 
     def add_digest(self, name: str, *, cron: str, tz: str) -> Schedule:
         trigger = cron_trigger(cron, tz)
@@ -278,12 +301,27 @@ class Scheduler:
             if schedule.kind == "once":
                 assert schedule.campaign_id is not None
                 campaign_id = schedule.campaign_id
+                if schedule.local_time:
+                    assert schedule.run_at is not None
+                    wall = schedule.run_at.astimezone(zone(schedule.tz)).replace(tzinfo=None)
+                    self.nl.store.release_by_zone(campaign_id, wall, schedule.tz, zone)
                 plan = self.nl.resume_plan(campaign_id)
                 report = await self.nl.run(plan, retry_now=False)
                 outcome = "sent"
                 note = (f"sent {report.progress.sent}"
                         + (f"; {report.aborted}" if report.aborted else ""))
-                self.store.set_status(schedule_id, "done")
+                held = self.nl.store.next_release_at(campaign_id) \
+                    if schedule.local_time else None
+                if held is not None and self.scheduler is not None:
+                    # The next zone's turn: the same job, at its release time.
+                    self.scheduler.add_job(
+                        JOB_FUNC, DateTrigger(run_date=held), args=[schedule_id],
+                        id=f"schedule-{schedule_id}", replace_existing=True, coalesce=True,
+                        max_instances=1,
+                        misfire_grace_time=int(self.nl.settings.schedule_grace_seconds))
+                    note += f"; next zone at {held:%Y-%m-%d %H:%M} UTC"
+                else:
+                    self.store.set_status(schedule_id, "done")
             else:
                 outcome, campaign_id, note = await self.nl.fire_digest(schedule, fire_time)
         except Exception as exc:

@@ -297,3 +297,49 @@ def test_digest_preview_assembles_and_renders_without_sending(
     assert "Digital services drive a third of trade growth" in html.read_text(encoding="utf-8")
     assert smtpd.messages == []
     assert not (tmp_path / "var" / "digests" / "weekly" / "1.md").exists()  # not archived
+
+
+def test_local_time_delivery_releases_each_zone_at_its_own_time(
+    tmp_path: Path, smtpd: SmtpTestServer, issue: Path,
+) -> None:
+    """Two zones an hour apart (and one more on the fallback zone): the first firing sends
+    only the zone whose wall-clock time has come and sets up the next zone's release."""
+    from sqlalchemy import update
+
+    from newsletter.store.schema import deliveries
+    from newsletter.store.sql import NewMember
+
+    nl = Newsletter(make_settings(tmp_path, smtp_url=smtpd.url))
+    mlist = nl.store.create_list("news")
+    members = ([NewMember(f"east{i}@example.com", attributes={"tz": "Etc/GMT-3"})
+                for i in range(3)]
+               + [NewMember(f"mid{i}@example.com", attributes={"tz": "Etc/GMT-2"})
+                  for i in range(2)]
+               + [NewMember("nozone@example.com")])  # falls back to the schedule's zone
+    nl.store.upsert_members(mlist.id, members, source="test")
+    east_now = dt.datetime.now(zone("Etc/GMT-3")) + dt.timedelta(seconds=1.5)
+    at = east_now.replace(tzinfo=None).replace(tzinfo=zone("UTC"))  # the same wall clock
+    schedules = Schedules(nl)
+    sched = schedules.add_once(issue, ["news"], at=at, tz="UTC", local_time=True)
+    first_job = schedules.next_run(sched)
+    assert first_job is not None and abs((first_job - east_now).total_seconds()) < 1
+
+    asyncio.run(_run_scheduler(nl, 15))
+    got = set(smtpd.recorder.count_by_rcpt())
+    assert got == {"east0@example.com", "east1@example.com", "east2@example.com"}
+    assert schedules.store.get(sched.id).status == "active"  # more zones to come
+    nxt = schedules.next_run(sched)
+    assert nxt is not None and 3590 < (nxt - east_now).total_seconds() < 3610  # UTC+2: 1 h later
+
+    # An hour passes (the clock is the ledger's: the held rows' release time comes).
+    with nl.store.engine.begin() as conn:
+        conn.execute(update(deliveries).where(
+            deliveries.c.next_attempt_at <= dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
+            .values(next_attempt_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
+    schedules.run_now(sched.id)
+    asyncio.run(_run_scheduler(nl, 15, done=2))
+    got = set(smtpd.recorder.count_by_rcpt())
+    assert {"mid0@example.com", "mid1@example.com"} <= got
+    assert "nozone@example.com" not in got  # UTC's 08:00 is three hours after UTC+3's
+    assert max(smtpd.recorder.count_by_rcpt().values()) == 1
+    assert [r.outcome for r in schedules.store.runs(sched.id)] == ["sent", "sent"]

@@ -36,6 +36,7 @@ class Schedule:
     tz: str
     status: str                # active, paused, cancelled, done, missed
     created_at: dt.datetime
+    local_time: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,13 @@ class ScheduleStore:
 
     def create(self, *, kind: str, tz: str, campaign_id: int | None = None,
                issue_path: str | None = None, digest: str | None = None,
-               run_at: dt.datetime | None = None, cron: str | None = None) -> Schedule:
+               run_at: dt.datetime | None = None, cron: str | None = None,
+               local_time: bool = False) -> Schedule:
         with self.engine.begin() as conn:
             key = conn.execute(insert(schedules).values(
                 kind=kind, campaign_id=campaign_id, issue_path=issue_path, digest=digest,
                 run_at=run_at, cron=cron, tz=tz, status="active", created_at=utcnow(),
+                local_time=local_time,
             )).inserted_primary_key
             assert key is not None
             if campaign_id is not None:
@@ -155,7 +158,7 @@ class ScheduleStore:
 
 def _schedule(r: Row[Any]) -> Schedule:
     return Schedule(r.id, r.kind, r.campaign_id, r.issue_path, r.digest, _aware(r.run_at),
-                    r.cron, r.tz, r.status, r.created_at)
+                    r.cron, r.tz, r.status, r.created_at, bool(r.local_time))
 
 
 def _run(r: Row[Any]) -> ScheduleRun:

@@ -222,6 +222,9 @@ schedules = Table(
     Column("run_at", TZ, nullable=True),
     Column("cron", String(120), nullable=True),
     Column("tz", String(64), nullable=False),
+    # Local-time delivery: run_at's wall-clock time in each subscriber's zone (attribute tz,
+    # else `tz`); the campaign releases recipients zone by zone.
+    Column("local_time", Boolean, nullable=False, default=False, server_default="0"),
     Column("status", String(16), nullable=False),        # active, paused, cancelled, done, missed
     Column("created_at", TZ, nullable=False),
 )

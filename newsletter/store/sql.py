@@ -9,7 +9,7 @@ import dataclasses
 import datetime as dt
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -523,6 +523,54 @@ class SqlStore:
                          [{"campaign_id": cid, "list_id": lid} for lid in list_ids])
         return self.get_campaign(cid)
 
+    def release_by_zone(self, campaign_id: int, wall: dt.datetime, fallback_tz: str,
+                        zone_of: Callable[[str], Any]) -> dict[dt.datetime, int]:
+        """Local-time delivery: fix the campaign's audience (if not yet) and hold each row
+        until `wall` (a naive wall-clock time) in the subscriber's zone: the `tz` attribute,
+        else fallback_tz. Returns {release time (UTC): rows}. Idempotent."""
+        now = utcnow()
+        releases: dict[dt.datetime, list[int]] = {}
+        zones: dict[str, dt.datetime] = {}
+        with self.engine.begin() as conn:
+            row = conn.execute(select(campaigns).where(campaigns.c.id == campaign_id)).one()
+            if row.started_at is None:
+                _enqueue_audience(conn, row, now)
+                conn.execute(update(campaigns).where(campaigns.c.id == campaign_id)
+                             .values(started_at=now))
+            rows = conn.execute(
+                select(deliveries.c.id, subscribers.c.attributes)
+                .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
+                .where(deliveries.c.campaign_id == campaign_id,
+                       deliveries.c.status == DeliveryStatus.QUEUED,
+                       deliveries.c.next_attempt_at.is_(None))).all()
+            for delivery_id, attrs in rows:
+                name = str((attrs or {}).get("tz") or fallback_tz)
+                if name not in zones:
+                    try:
+                        zones[name] = wall.replace(tzinfo=zone_of(name)).astimezone(dt.UTC)
+                    except Exception:  # an unknown zone in an attribute: the fallback's time
+                        zones[name] = wall.replace(tzinfo=zone_of(fallback_tz)) \
+                            .astimezone(dt.UTC)
+                releases.setdefault(zones[name], []).append(delivery_id)
+            for release, ids in releases.items():
+                if release <= now:
+                    continue  # that zone's time has come: due now
+                for start in range(0, len(ids), 500):
+                    conn.execute(update(deliveries).where(
+                        deliveries.c.id.in_(ids[start:start + 500]))
+                        .values(next_attempt_at=release))
+        return {t: len(ids) for t, ids in releases.items()}
+
+    def next_release_at(self, campaign_id: int) -> dt.datetime | None:
+        """When the next held (queued) rows of a local-time campaign are released."""
+        with self.engine.connect() as conn:
+            value = conn.execute(select(func.min(deliveries.c.next_attempt_at)).where(
+                deliveries.c.campaign_id == campaign_id,
+                deliveries.c.status == DeliveryStatus.QUEUED)).scalar()
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value
+
     def update_campaign_content(self, campaign_id: int, *, issue_key: str, content_hash: str,
                                 subject: str, issue_json: str, html: str, text: str) -> None:
         """Replace a campaign's rendered issue, only while nothing has been sent."""
@@ -578,17 +626,7 @@ class SqlStore:
                     f"{row.heartbeat_at:%H:%M:%S} UTC); wait for it or stop that process")
             enqueued = 0
             if row.started_at is None:
-                # First run: fix the audience now, in one INSERT ... SELECT.
-                audience = _audience(_campaign_list_ids(conn, campaign_id),
-                                     issue_key=None if row.resend else row.issue_key,
-                                     exclude_campaign=campaign_id)
-                enqueued = conn.execute(insert(deliveries).from_select(
-                    ["subscriber_id", "list_id", "campaign_id", "status", "attempts",
-                     "updated_at"],
-                    audience.add_columns(
-                        literal(campaign_id), literal(DeliveryStatus.QUEUED.value),
-                        literal(0), literal(now, TZ)),
-                )).rowcount
+                enqueued = _enqueue_audience(conn, row, now)
             # A run that died left rows in 'sending': the relay may have taken them.
             unknown = conn.execute(update(deliveries).where(
                 deliveries.c.campaign_id == campaign_id,
@@ -624,7 +662,10 @@ class SqlStore:
             query = query.where(deliveries.c.status == DeliveryStatus.FAILED_TEMP,
                                 deliveries.c.next_attempt_at <= utcnow())
         else:
-            query = query.where(deliveries.c.status == DeliveryStatus.QUEUED)
+            # A local-time campaign holds rows until their zone's time (next_attempt_at).
+            query = query.where(deliveries.c.status == DeliveryStatus.QUEUED,
+                                deliveries.c.next_attempt_at.is_(None)
+                                | (deliveries.c.next_attempt_at <= utcnow()))
         due: list[Due] = []
         gone: list[int] = []
         last = 0
@@ -858,6 +899,18 @@ class SqlStore:
                 .order_by(deliveries.c.id)
             ).all()
         return [(r.email, r.last_error or "") for r in rows]
+
+
+def _enqueue_audience(conn: Connection, row: Row[Any], now: dt.datetime) -> int:
+    """A campaign's first run: fix its audience now, in one INSERT ... SELECT."""
+    audience = _audience(_campaign_list_ids(conn, row.id),
+                         issue_key=None if row.resend else row.issue_key,
+                         exclude_campaign=row.id)
+    return int(conn.execute(insert(deliveries).from_select(
+        ["subscriber_id", "list_id", "campaign_id", "status", "attempts", "updated_at"],
+        audience.add_columns(literal(row.id), literal(DeliveryStatus.QUEUED.value),
+                             literal(0), literal(now, TZ)),
+    )).rowcount)
 
 
 def _bounce_delivery(conn: Connection, delivery_id: int, *, hard: bool, reason: str,

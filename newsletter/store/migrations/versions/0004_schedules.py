@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("run_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("cron", sa.String(length=120), nullable=True),
         sa.Column("tz", sa.String(length=64), nullable=False),
+        sa.Column("local_time", sa.Boolean(), nullable=False, server_default="0"),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["campaign_id"], ["campaigns.id"],
