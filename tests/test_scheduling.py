@@ -343,3 +343,21 @@ def test_local_time_delivery_releases_each_zone_at_its_own_time(
     assert "nozone@example.com" not in got  # UTC's 08:00 is three hours after UTC+3's
     assert max(smtpd.recorder.count_by_rcpt().values()) == 1
     assert [r.outcome for r in schedules.store.runs(sched.id)] == ["sent", "sent"]
+
+
+def test_a_job_firing_twice_for_the_same_time_makes_one_campaign_run(
+    tmp_path: Path, smtpd: SmtpTestServer, issue: Path,
+) -> None:
+    nl = Newsletter(make_settings(tmp_path, smtp_url=smtpd.url))
+    add_subscribers(nl, "news", 4)
+    schedules = Schedules(nl)
+    sched = schedules.add_once(issue, ["news"], at=_soon(30), tz="UTC")
+
+    async def twice() -> list[str]:
+        one, two = Scheduler(nl), Scheduler(nl)  # as if two processes both fired it
+        return list(await asyncio.gather(one.fire(sched.id), two.fire(sched.id)))
+
+    outcomes = asyncio.run(twice())
+    assert sorted(outcomes) == ["duplicate", "sent"]
+    assert len(smtpd.messages) == 4
+    assert len(schedules.store.runs(sched.id)) == 1
