@@ -361,3 +361,34 @@ def test_a_job_firing_twice_for_the_same_time_makes_one_campaign_run(
     assert sorted(outcomes) == ["duplicate", "sent"]
     assert len(smtpd.messages) == 4
     assert len(schedules.store.runs(sched.id)) == 1
+
+
+def test_schedule_commands_from_the_cli(tmp_path: Path, smtpd: SmtpTestServer,
+                                        issue: Path) -> None:
+    nl = Newsletter(make_settings(tmp_path, smtp_url=smtpd.url))
+    add_subscribers(nl, "news", 2)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
+           "NEWSLETTER_DATABASE_URL": nl.settings.resolved_database_url,
+           "NEWSLETTER_VAR_DIR": str(tmp_path / "var"), "NEWSLETTER_SMTP_URL": smtpd.url,
+           "NEWSLETTER_SECRET_KEY": SECRET}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "newsletter", *args], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    added = cli("schedule", str(issue), "--list", "news", "--at", "2031-06-02 08:00",
+                "--tz", "Asia/Shanghai")
+    assert added.returncode == 0, added.stderr
+    assert "2031-06-02 08:00 Asia/Shanghai (2031-06-02 00:00 UTC)" in added.stdout
+    listed = cli("schedule", "ls")
+    assert "active" in listed.stdout and "Asia/Shanghai" in listed.stdout
+    # Edit the issue, then render the scheduled campaign again from it.
+    issue.write_text(issue.read_text(encoding="utf-8").replace(
+        "subject: ", "subject: Edited ", 1), encoding="utf-8")
+    assert cli("schedule", "update", "1", str(issue)).returncode == 0
+    sched = Schedules(nl).store.get(1)
+    assert nl.store.get_campaign(sched.campaign_id or 0).subject.startswith("Edited ")
+    bad = cli("schedule", str(issue), "--list", "news", "--at", "tomorrow")
+    assert bad.returncode != 0 and "--at" in bad.stderr
+    assert cli("schedule", "cancel", "1").returncode == 0
+    assert "cancelled" in cli("schedule", "ls").stdout
