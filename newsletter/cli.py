@@ -443,7 +443,8 @@ def _print_report(report: RunReport, nl: Newsletter, campaign_id: int) -> None:
     if status == CampaignStatus.RUNNING and counts[DeliveryStatus.FAILED_TEMP]:
         when = f" at {report.next_retry:%Y-%m-%d %H:%M} UTC" if report.next_retry else ""
         out.print(f"{counts[DeliveryStatus.FAILED_TEMP]} temporary failure(s) are due again"
-                  f"{when}: run 'newsletter campaigns resume {campaign_id}' then (or now)",
+                  f"{when}: the scheduler (newsletter serve or newsletter scheduler) sends "
+                  f"them then, or run 'newsletter campaigns resume {campaign_id}'",
                   highlight=False)
     if report.aborted:
         verb = "paused" if status == CampaignStatus.PAUSED else "stopped early"

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 import zoneinfo
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -204,11 +205,15 @@ class Scheduler:
     lifespan or from `newsletter scheduler`."""
 
     def __init__(self, nl: Newsletter, *, lease: float = 15.0, tick: float = 1.0,
+                 sweep: float = 30.0,
                  on_fired: Callable[[int, str], None] | None = None) -> None:
         self.nl = nl
         self.store = ScheduleStore(nl.store.engine)
         self.lease = lease
         self.tick = tick          # how often to renew the lease and re-read the job store
+        self.sweep = sweep        # how often to look for campaigns with retries due
+        self._last_sweep = 0.0
+        self._resuming: dict[int, asyncio.Task[None]] = {}
         self.holder = runner_name() + f":{id(self):x}"
         self.on_fired = on_fired
         self.scheduler: AsyncIOScheduler | None = None
@@ -228,6 +233,11 @@ class Scheduler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in self._resuming.values():
+            task.cancel()
+        for task in self._resuming.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         self._release()
         if _ACTIVE is self:
             _ACTIVE = None
@@ -265,7 +275,33 @@ class Scheduler:
                 self.scheduler = None
             if self.scheduler is not None:
                 self.scheduler.wakeup()
+                if time.monotonic() - self._last_sweep >= self.sweep:
+                    self._last_sweep = time.monotonic()
+                    self._resume_due()
             await asyncio.sleep(self.tick)
+
+    def _resume_due(self) -> None:
+        """Retries with backoff need someone to run them when they fall due: the lease
+        holder does, for campaigns no process is sending."""
+        try:
+            due = self.nl.store.campaigns_due()
+        except Exception as exc:
+            log.warning("looking for due retries failed: %s", exc)
+            return
+        for campaign_id in due:
+            task = self._resuming.get(campaign_id)
+            if task is None or task.done():
+                self._resuming[campaign_id] = asyncio.create_task(self._resume(campaign_id))
+
+    async def _resume(self, campaign_id: int) -> None:
+        try:
+            report = await self.nl.run(self.nl.resume_plan(campaign_id), retry_now=False)
+            log.warning("campaign %d: due retries sent, %d delivered", campaign_id,
+                        report.progress.sent)
+        except ConflictError as exc:  # another process took it meanwhile
+            log.info("campaign %d not resumed: %s", campaign_id, exc)
+        except Exception as exc:
+            log.error("campaign %d: resuming its retries failed: %s", campaign_id, exc)
 
     def _submitted(self, event: JobSubmissionEvent) -> None:
         """Remember the time a job was due: the firing's identity (the job itself is told

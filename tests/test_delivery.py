@@ -488,3 +488,34 @@ def test_a_stalled_relay_times_out_and_the_rows_are_retried_later(
     asyncio.run(nl.run(nl.resume_plan(plan.campaign.id)))
     got = smtpd.recorder.count_by_rcpt()
     assert len(got) == 4 and set(got.values()) == {1}
+
+
+def test_the_scheduler_sends_retries_when_they_fall_due(
+    tmp_path: Path, smtpd: SmtpTestServer, issue: Path,
+) -> None:
+    """Nobody runs a command: the scheduler (as in `newsletter serve`) picks up a campaign
+    whose temporary failures are due again."""
+    from newsletter.scheduling import Scheduler
+
+    nl = Newsletter(make_settings(tmp_path, smtp_url=smtpd.url, retry_base_seconds=0.3,
+                                  retry_max_interval_seconds=0.3))
+    add_subscribers(nl, "news", 5)
+    smtpd.recorder.rules["user2@example.com"] = Rule("rcpt", "450 4.2.0 greylisted", times=1)
+    plan, report = _send(nl, issue, "news")
+    assert report.status == CampaignStatus.RUNNING  # a retry is due later; the run ended
+
+    async def scheduler_for_a_while() -> None:
+        scheduler = Scheduler(nl, tick=0.1, sweep=0.1)
+        await scheduler.start()
+        try:
+            for _ in range(100):
+                if nl.store.get_campaign(plan.campaign.id).status == CampaignStatus.COMPLETED:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await scheduler.stop()
+
+    asyncio.run(scheduler_for_a_while())
+    assert nl.store.get_campaign(plan.campaign.id).status == CampaignStatus.COMPLETED
+    counts = smtpd.recorder.count_by_rcpt()
+    assert len(counts) == 5 and set(counts.values()) == {1}

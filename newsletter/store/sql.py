@@ -523,6 +523,26 @@ class SqlStore:
                          [{"campaign_id": cid, "list_id": lid} for lid in list_ids])
         return self.get_campaign(cid)
 
+    def campaigns_due(self, *, stale_after: float = 90.0) -> list[int]:
+        """Campaigns nobody is sending whose retries (or held local-time rows) are due now:
+        what the scheduler picks up, so temporary failures are retried without anyone
+        running a command. Rows of an interrupted send (queued, never held) are left to a
+        person: Ctrl-C must not be undone behind their back."""
+        now = utcnow()
+        due_rows = select(deliveries.c.id).where(
+            deliveries.c.campaign_id == campaigns.c.id,
+            deliveries.c.status.in_([DeliveryStatus.FAILED_TEMP, DeliveryStatus.QUEUED]),
+            deliveries.c.next_attempt_at.is_not(None),
+            deliveries.c.next_attempt_at <= now,
+        )
+        with self.engine.connect() as conn:
+            return [int(i) for i in conn.execute(select(campaigns.c.id).where(
+                campaigns.c.status == CampaignStatus.RUNNING,
+                campaigns.c.runner.is_(None)
+                | (campaigns.c.heartbeat_at < now - dt.timedelta(seconds=stale_after)),
+                due_rows.exists(),
+            ).order_by(campaigns.c.id)).scalars()]
+
     def release_by_zone(self, campaign_id: int, wall: dt.datetime, fallback_tz: str,
                         zone_of: Callable[[str], Any]) -> dict[dt.datetime, int]:
         """Local-time delivery: fix the campaign's audience (if not yet) and hold each row
