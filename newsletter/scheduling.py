@@ -342,10 +342,17 @@ class Scheduler:
                     wall = schedule.run_at.astimezone(zone(schedule.tz)).replace(tzinfo=None)
                     self.nl.store.release_by_zone(campaign_id, wall, schedule.tz, zone)
                 plan = self.nl.resume_plan(campaign_id)
-                report = await self.nl.run(plan, retry_now=False)
+                try:
+                    report = await self.nl.run(plan, retry_now=False)
+                    note = (f"sent {report.progress.sent}"
+                            + (f"; {report.aborted}" if report.aborted else ""))
+                except ConflictError as exc:
+                    if "is being sent by" not in str(exc):
+                        raise
+                    # A run already in progress (retries, an editor's resume) sends the rows
+                    # this firing released: nothing to add.
+                    note = str(exc)
                 outcome = "sent"
-                note = (f"sent {report.progress.sent}"
-                        + (f"; {report.aborted}" if report.aborted else ""))
                 held = self.nl.store.next_release_at(campaign_id) \
                     if schedule.local_time else None
                 if held is not None and self.scheduler is not None:

@@ -524,15 +524,14 @@ class SqlStore:
         return self.get_campaign(cid)
 
     def campaigns_due(self, *, stale_after: float = 90.0) -> list[int]:
-        """Campaigns nobody is sending whose retries (or held local-time rows) are due now:
-        what the scheduler picks up, so temporary failures are retried without anyone
-        running a command. Rows of an interrupted send (queued, never held) are left to a
-        person: Ctrl-C must not be undone behind their back."""
+        """Campaigns nobody is sending whose retries are due now: what the scheduler picks
+        up, so temporary failures are retried without anyone running a command. Queued rows
+        are left alone: an interrupted send (Ctrl-C) waits for a person, and a local-time
+        campaign's held rows have their own scheduled job."""
         now = utcnow()
         due_rows = select(deliveries.c.id).where(
             deliveries.c.campaign_id == campaigns.c.id,
-            deliveries.c.status.in_([DeliveryStatus.FAILED_TEMP, DeliveryStatus.QUEUED]),
-            deliveries.c.next_attempt_at.is_not(None),
+            deliveries.c.status == DeliveryStatus.FAILED_TEMP,
             deliveries.c.next_attempt_at <= now,
         )
         with self.engine.connect() as conn:
