@@ -51,3 +51,11 @@ def test_list_slugs_and_names_are_checked(tmp_path: Path) -> None:
         store.create_list("../etc")
     with pytest.raises(ValueError, match="control character"):
         store.create_list("ok", name="Evil\r\nBcc: x@y.z")
+
+
+def test_the_head_revision_constant_matches_alembic() -> None:
+    from alembic.script import ScriptDirectory
+
+    from newsletter.store.db import HEAD, alembic_config
+
+    assert ScriptDirectory.from_config(alembic_config()).get_current_head() == HEAD
