@@ -237,8 +237,12 @@ class Newsletter:
         """The delivery engine with this installation's policies: retries, bounces, VERP,
         DKIM."""
         s = self.settings
+        # A store of its own per run: each run holds a ledger-writer connection and closes
+        # it at its end, and one process may run several campaigns at once (the scheduler
+        # firing one while resuming another's retries).
         return Engine(
-            self.store, relays, batch_size=s.batch_size, on_progress=on_progress,
+            SqlStore(self.store.engine), relays, batch_size=s.batch_size,
+            on_progress=on_progress,
             max_relay_failures=s.relay_failure_limit or None,
             cooldown=s.relay_cooldown_seconds,
             retry=RetryPolicy(base=s.retry_base_seconds, max_interval=s.retry_max_interval_seconds,

@@ -519,3 +519,25 @@ def test_the_scheduler_sends_retries_when_they_fall_due(
     assert nl.store.get_campaign(plan.campaign.id).status == CampaignStatus.COMPLETED
     counts = smtpd.recorder.count_by_rcpt()
     assert len(counts) == 5 and set(counts.values()) == {1}
+
+
+def test_two_campaigns_sent_at_once_by_one_process(
+    tmp_path: Path, smtpd: SmtpTestServer, issue: Path,
+) -> None:
+    """The scheduler may fire one campaign while resuming another: each run needs its own
+    ledger writer."""
+    nl = Newsletter(make_settings(tmp_path, smtp_url=smtpd.url))
+    add_subscribers(nl, "news", 300)
+    other = tmp_path / "other.md"
+    other.write_text(MD.replace("number: 3", "number: 4"), encoding="utf-8")
+    smtpd.recorder.delay = 0.001
+    plans = [nl.plan_send(issue, ["news"]), nl.plan_send(other, ["news"])]
+
+    async def both() -> None:
+        await asyncio.gather(*(nl.run(p) for p in plans))
+
+    asyncio.run(both())
+    for p in plans:
+        assert nl.store.delivery_counts(p.campaign.id)[DeliveryStatus.SENT] == 300
+    counts = smtpd.recorder.count_by_rcpt()
+    assert len(counts) == 300 and set(counts.values()) == {2}
