@@ -27,7 +27,9 @@ class _MaildirHandler:
         content = envelope.original_content or b""
         # Return-Path and Delivered-To, as a local delivery agent would add them.
         rcpts = ", ".join(envelope.rcpt_tos)
-        head = f"Return-Path: <{envelope.mail_from}>\r\nDelivered-To: {rcpts}\r\n".encode()
+        # aiosmtpd reports the null sender of bounces as "<>": do not wrap it twice.
+        sender = (envelope.mail_from or "").strip("<>")
+        head = f"Return-Path: <{sender}>\r\nDelivered-To: {rcpts}\r\n".encode()
         self.outbox.add(head + content)
         self.received += 1
         return "250 2.0.0 captured"
