@@ -30,13 +30,12 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
 
 from ..errors import NewsletterError
+from .capture import SmtpListener, open_maildir, trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -519,15 +518,6 @@ BounceHandler = Callable[[list[Bounce], bytes], None]
 """Called for each received message with what it reports (possibly []) and its bytes."""
 
 
-def _trace_headers(mail_from: str | None, rcpt_tos: Sequence[str]) -> bytes:
-    # What a local delivery agent adds: the kept bytes name the VERP address by themselves.
-    # aiosmtpd gives the null sender of a bounce as "<>", other senders without brackets.
-    sender = (mail_from or "").strip().removeprefix("<").removesuffix(">")
-    rcpts = ", ".join(rcpt_tos)
-    return f"Return-Path: <{sender}>\r\nDelivered-To: {rcpts}\r\n".encode(
-        "utf-8", "replace")
-
-
 def _seen_name(name: str) -> str:
     """A Maildir file name with the 'S' (seen) flag added to its info."""
     colon = mailbox.Maildir.colon
@@ -550,11 +540,11 @@ class _BounceSMTPHandler:
     async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
         rcpts = [str(r) for r in envelope.rcpt_tos]
         mail_from = None if envelope.mail_from is None else str(envelope.mail_from)
-        raw = _trace_headers(mail_from, rcpts) + (envelope.original_content or b"")
+        raw = trace_headers(mail_from, rcpts) + (envelope.original_content or b"")
         return await self.receiver.receive(raw, rcpts)
 
 
-class BounceServer:
+class BounceServer(SmtpListener):
     """An aiosmtpd SMTP server on host:port (port 0: chosen by the OS) in the running event
     loop, to be the MX of the bounce domain.
 
@@ -573,14 +563,12 @@ class BounceServer:
 
     def __init__(self, handler: BounceHandler, *, host: str = "127.0.0.1", port: int = 0,
                  local_prefix: str = "bounce", keep_dir: Path | None = None) -> None:
+        super().__init__(host=host, port=port)
         self.handler = handler
-        self.host = host
-        self.port = port
         self.local_prefix = local_prefix
         self.keep_dir = keep_dir
         self.received = 0  # messages the handler took (a 451 is not counted)
         self._keep: mailbox.Maildir | None = None
-        self._server: asyncio.base_events.Server | None = None
 
     async def receive(self, raw: bytes, rcpts: Sequence[str]) -> str:
         """Keep, parse and hand over one message; the SMTP reply to give."""
@@ -611,34 +599,9 @@ class BounceServer:
 
     async def start(self) -> None:
         if self.keep_dir is not None:
-            self.keep_dir.parent.mkdir(parents=True, exist_ok=True)
-            self._keep = mailbox.Maildir(self.keep_dir, factory=None, create=True)
-            for sub in ("tmp", "new", "cur"):  # create=True skips these if the folder exists
-                (self.keep_dir / sub).mkdir(exist_ok=True)
-        handler = _BounceSMTPHandler(self)
-        loop = asyncio.get_running_loop()
-
-        def factory() -> Any:
-            return SMTPServer(handler, hostname="bounces.localhost", decode_data=False,
-                              data_size_limit=25 * 1024 * 1024, enable_SMTPUTF8=True,
-                              ident="newsletter bounce receiver")
-
-        self._server = await loop.create_server(factory, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def __aenter__(self) -> BounceServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
+            self._keep = open_maildir(self.keep_dir)
+        await self._listen(_BounceSMTPHandler(self), hostname="bounces.localhost",
+                           size_limit=25 * 1024 * 1024, ident="newsletter bounce receiver")
 
 
 @dataclass
