@@ -594,8 +594,6 @@ class Engine:
             return Mark(due.delivery_id, status, text)
         now = dt.datetime.now(dt.UTC)
         first = due.first_attempt_at or now
-        if first.tzinfo is None:
-            first = first.replace(tzinfo=dt.UTC)
         if (now - first).total_seconds() >= self.retry.max_age:
             return Mark(due.delivery_id, DeliveryStatus.EXPIRED,
                         f"gave up after {due.attempts + 1} attempts: {text}"[:500])

@@ -17,13 +17,6 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    """SQLite hands datetimes back without their zone; we store UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value
-
-
 @dataclass(frozen=True)
 class Schedule:
     id: int
@@ -157,12 +150,10 @@ class ScheduleStore:
 
 
 def _schedule(r: Row[Any]) -> Schedule:
-    return Schedule(r.id, r.kind, r.campaign_id, r.issue_path, r.digest, _aware(r.run_at),
+    return Schedule(r.id, r.kind, r.campaign_id, r.issue_path, r.digest, r.run_at,
                     r.cron, r.tz, r.status, r.created_at, bool(r.local_time))
 
 
 def _run(r: Row[Any]) -> ScheduleRun:
-    fire = _aware(r.fire_time)
-    started = _aware(r.started_at)
-    assert fire is not None and started is not None
-    return ScheduleRun(r.id, r.schedule_id, fire, started, r.outcome, r.campaign_id, r.note)
+    return ScheduleRun(r.id, r.schedule_id, r.fire_time, r.started_at, r.outcome,
+                       r.campaign_id, r.note)

@@ -3,6 +3,7 @@ that the migrations and these definitions agree."""
 
 from __future__ import annotations
 
+import datetime as dt
 from enum import StrEnum
 
 from sqlalchemy import (
@@ -17,8 +18,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 
 metadata = MetaData(
     naming_convention={
@@ -57,7 +60,21 @@ class DeliveryStatus(StrEnum):
     EXPIRED = "expired"        # failed temporarily until retry_max_age: given up
 
 
-TZ = DateTime(timezone=True)
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp that always comes back zone-aware (UTC). We only store UTC, but SQLite
+    keeps no zone, so without this every reader would have to remember to add it back."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: dt.datetime | None,
+                             dialect: Dialect) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value
+
+
+TZ = UtcDateTime()
 
 lists = Table(
     "lists", metadata,

@@ -586,8 +586,6 @@ class SqlStore:
             value = conn.execute(select(func.min(deliveries.c.next_attempt_at)).where(
                 deliveries.c.campaign_id == campaign_id,
                 deliveries.c.status == DeliveryStatus.QUEUED)).scalar()
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
         return value
 
     def update_campaign_content(self, campaign_id: int, *, issue_key: str, content_hash: str,
@@ -748,8 +746,6 @@ class SqlStore:
             value = conn.execute(select(func.min(deliveries.c.next_attempt_at)).where(
                 deliveries.c.campaign_id == campaign_id,
                 deliveries.c.status == DeliveryStatus.FAILED_TEMP)).scalar()
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)  # SQLite drops the zone; we store UTC
         return value
 
     def relay_usage(self, since: int) -> dict[str, list[tuple[int, int]]]:

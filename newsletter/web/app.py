@@ -390,7 +390,6 @@ def create_app(nl: Newsletter, *, relay: Relay | None = None,
 
 
 def format_iso(value: dt.datetime) -> str:
-    """RFC 3339 for Atom; SQLite hands datetimes back without a zone (they are UTC)."""
-    text = value.isoformat()
-    return text if value.tzinfo else text + "Z"
+    """RFC 3339 for Atom (stored timestamps come back zone-aware, see schema.UtcDateTime)."""
+    return value.isoformat()
 
