@@ -109,7 +109,7 @@ _UNFINISHED = (DeliveryStatus.QUEUED, DeliveryStatus.SENDING, DeliveryStatus.FAI
 
 
 # The one-click unsubscribe, the web side's hot path: who, which list, what status, in one
-# read; then, only if something changes, three writes in the same transaction.
+# read; then, only if something changes, the writes of _apply_status in the same transaction.
 _TARGET = text(
     "SELECT s.id AS s_id, s.email, s.name AS s_name, s.attributes, s.created_at AS s_created, "
     "l.id AS l_id, l.slug, l.name AS l_name, l.description, l.created_at AS l_created, "
@@ -119,7 +119,7 @@ _TARGET = text(
     "WHERE s.id = :sid"
 ).columns(s_created=TZ, l_created=TZ, attributes=JSON, double_opt_in=Boolean, public=Boolean,
           welcome=Boolean)  # by name: positional columns would be matched by position
-_LEAVE = text(
+_SET_STATUS = text(
     "UPDATE memberships SET status = :status, updated_at = :now "
     "WHERE subscriber_id = :sid AND list_id = :lid"
 ).bindparams(bindparam("now", type_=TZ))
@@ -361,12 +361,8 @@ class SqlStore:
             sub, mlist, old = _target(conn, subscriber_id, list_id)
             if old is None or old == status:
                 return sub, mlist, old, False
-            now = utcnow()
-            params = {"sid": subscriber_id, "lid": list_id, "status": str(status), "now": now,
-                      "old": str(old), "source": source}
-            conn.execute(_LEAVE, params)
-            conn.execute(_EVENT, params)
-            conn.execute(_SKIP_QUEUED, params)
+            _apply_status(conn, subscriber_id, list_id, old, status, source=source,
+                          now=utcnow())
         return sub, mlist, status, True
 
     def get_subscriber(self, subscriber_id: int) -> Subscriber:
@@ -1002,19 +998,22 @@ def _change_status(conn: Connection, sid: int, status: MembershipStatus, *, sour
         cond.append(memberships.c.list_id == list_id)
     rows = conn.execute(select(memberships.c.list_id, memberships.c.status).where(*cond)).all()
     for r in rows:
-        conn.execute(update(memberships).where(
-            memberships.c.subscriber_id == sid, memberships.c.list_id == r.list_id,
-        ).values(status=status, updated_at=now))
-        conn.execute(insert(membership_events).values(
-            list_id=r.list_id, subscriber_id=sid, old_status=r.status, new_status=status,
-            source=source, at=now))
-        if status != MembershipStatus.ACTIVE:
-            # Honoured by a running send for every message not yet handed to the relay.
-            conn.execute(update(deliveries).where(
-                deliveries.c.subscriber_id == sid, deliveries.c.list_id == r.list_id,
-                deliveries.c.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.FAILED_TEMP]),
-            ).values(status=DeliveryStatus.SKIPPED, updated_at=now))
+        _apply_status(conn, sid, r.list_id, r.status, status, source=source, now=now)
     return [(r.list_id, r.status) for r in rows]
+
+
+def _apply_status(conn: Connection, sid: int, lid: int, old: str, status: MembershipStatus, *,
+                  source: str, now: dt.datetime) -> None:
+    """One membership's change: the row, its history event and, when leaving 'active',
+    the address's queued ledger rows for that list skipped, so a running send honours it
+    for every message not yet handed to a relay. Prebuilt statements: the one-click
+    unsubscribe runs this hundreds of times a second."""
+    params = {"sid": sid, "lid": lid, "status": str(status), "now": now, "old": str(old),
+              "source": source}
+    conn.execute(_SET_STATUS, params)
+    conn.execute(_EVENT, params)
+    if status != MembershipStatus.ACTIVE:
+        conn.execute(_SKIP_QUEUED, params)
 
 
 def _audience(list_ids: Sequence[int], *, issue_key: str | None,
