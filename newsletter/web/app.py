@@ -147,17 +147,22 @@ class WebApp:
         return lid == mlist.id
 
 
-async def _form(request: Request) -> dict[str, str]:
-    """The POST body's fields, urlencoded (parsed directly: the one-click hot path) or
-    multipart (RFC 8058 allows both)."""
+async def _form_values(request: Request) -> dict[str, list[str]]:
+    """The POST body's fields with all their values, urlencoded (parsed directly: the
+    one-click hot path) or multipart (RFC 8058 allows both)."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/x-www-form-urlencoded") or not ctype:
         body = (await request.body()).decode("utf-8", "replace")
-        return {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}
+        return parse_qs(body, keep_blank_values=True)
     if ctype.startswith("multipart/form-data"):
         form = await request.form()
-        return {k: v for k, v in form.items() if isinstance(v, str)}
+        return {k: [v for v in form.getlist(k) if isinstance(v, str)] for k in form}
     return {}
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """The POST body's fields, the last value of each."""
+    return {k: v[-1] for k, v in (await _form_values(request)).items() if v}
 
 
 def create_app(nl: Newsletter, *, relay: Relay | None = None,
@@ -245,18 +250,9 @@ def create_app(nl: Newsletter, *, relay: Relay | None = None,
 
     @app.post("/preferences/{token}", response_class=HTMLResponse)
     async def preferences_save(token: str, request: Request) -> HTMLResponse:
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("application/x-www-form-urlencoded"):
-            body = (await request.body()).decode("utf-8", "replace")
-            parsed = parse_qs(body, keep_blank_values=True)
-            ids = parsed.get("list", [])
-            leave_all = "leave_all" in parsed
-        else:
-            form = await request.form()
-            ids = [v for v in form.getlist("list") if isinstance(v, str)]
-            leave_all = "leave_all" in form
-        keep = {int(i) for i in ids if i.isdigit()}
-        return _preferences(token, saved=True, keep=keep, leave_all=leave_all)
+        fields = await _form_values(request)
+        keep = {int(i) for i in fields.get("list", []) if i.isdigit()}
+        return _preferences(token, saved=True, keep=keep, leave_all="leave_all" in fields)
 
     # --- subscribe with double opt-in ----------------------------------------------------
 
