@@ -16,6 +16,7 @@ import logging
 import time
 import zoneinfo
 from collections.abc import Callable
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.events import (
@@ -85,6 +86,18 @@ def _job_store(nl: Newsletter) -> SQLAlchemyJobStore:
     return store
 
 
+def job_id(schedule_id: int) -> str:
+    return f"schedule-{schedule_id}"
+
+
+def job_options(nl: Newsletter, schedule_id: int) -> dict[str, Any]:
+    """How every schedule's job is set up, wherever it is added: one firing at a time, missed
+    firings coalesced, and late by at most the grace period."""
+    return {"id": job_id(schedule_id), "args": [schedule_id], "coalesce": True,
+            "max_instances": 1,
+            "misfire_grace_time": int(nl.settings.schedule_grace_seconds)}
+
+
 class Schedules:
     """The editor's operations on schedules (CLI, API): no scheduler needs to run here."""
 
@@ -134,14 +147,16 @@ class Schedules:
         self._add_job(schedule, trigger)
         return schedule
 
+    @cached_property
+    def jobs(self) -> SQLAlchemyJobStore:
+        return _job_store(self.nl)
+
     def _add_job(self, schedule: Schedule, trigger: Any) -> None:
-        store = _job_store(self.nl)
-        job = Job(store._scheduler, id=f"schedule-{schedule.id}", func=JOB_FUNC,
-                  args=[schedule.id], kwargs={}, trigger=trigger, executor="default",
-                  name=f"schedule {schedule.id}", coalesce=True, max_instances=1,
-                  misfire_grace_time=int(self.nl.settings.schedule_grace_seconds),
-                  next_run_time=trigger.get_next_fire_time(None, dt.datetime.now(dt.UTC)))
-        store.add_job(job)
+        job = Job(self.jobs._scheduler, func=JOB_FUNC, kwargs={}, trigger=trigger,
+                  executor="default", name=f"schedule {schedule.id}",
+                  next_run_time=trigger.get_next_fire_time(None, dt.datetime.now(dt.UTC)),
+                  **job_options(self.nl, schedule.id))
+        self.jobs.add_job(job)
 
     def update(self, schedule_id: int, path: Any) -> Schedule:
         """Re-render a one-off schedule's issue from its file (before it has fired)."""
@@ -159,7 +174,7 @@ class Schedules:
         return schedule
 
     def next_run(self, schedule: Schedule) -> dt.datetime | None:
-        job = _job_store(self.nl).lookup_job(f"schedule-{schedule.id}")
+        job = self.jobs.lookup_job(job_id(schedule.id))
         return job.next_run_time if job is not None else None
 
     def pause(self, schedule_id: int) -> None:
@@ -167,16 +182,15 @@ class Schedules:
         self.store.set_status(schedule_id, "paused")
 
     def resume(self, schedule_id: int) -> None:
-        store = _job_store(self.nl)
-        job = self._lookup(store, schedule_id)
+        job = self._lookup(schedule_id)
         job._modify(next_run_time=job.trigger.get_next_fire_time(None, dt.datetime.now(dt.UTC)))
-        store.update_job(job)
+        self.jobs.update_job(job)
         self.store.set_status(schedule_id, "active")
 
     def cancel(self, schedule_id: int) -> None:
         schedule = self.store.get(schedule_id)
         with contextlib.suppress(JobLookupError):
-            _job_store(self.nl).remove_job(f"schedule-{schedule_id}")
+            self.jobs.remove_job(job_id(schedule_id))
         self.store.set_status(schedule_id, "cancelled")
         if schedule.campaign_id is not None:
             self.nl.store.cancel_campaign(schedule.campaign_id)
@@ -185,19 +199,18 @@ class Schedules:
         """Make the job due now; the running scheduler fires it within a second."""
         self._modify(schedule_id, next_run_time=dt.datetime.now(dt.UTC))
 
-    def _lookup(self, store: SQLAlchemyJobStore, schedule_id: int) -> Job:
+    def _lookup(self, schedule_id: int) -> Job:
         self.store.get(schedule_id)
-        job = store.lookup_job(f"schedule-{schedule_id}")
+        job = self.jobs.lookup_job(job_id(schedule_id))
         if job is None:
             raise ConflictError(f"schedule {schedule_id} has no pending job (it fired, or was "
                                 "cancelled)")
         return job
 
     def _modify(self, schedule_id: int, **changes: Any) -> None:
-        store = _job_store(self.nl)
-        job = self._lookup(store, schedule_id)
+        job = self._lookup(schedule_id)
         job._modify(**changes)
-        store.update_job(job)
+        self.jobs.update_job(job)
 
 
 class Scheduler:
@@ -327,7 +340,7 @@ class Scheduler:
     async def fire(self, schedule_id: int) -> str:
         """Run one firing of a schedule: once per (schedule, fire time), wherever it runs."""
         schedule = self.store.get(schedule_id)
-        fire_time = self._due.pop(f"schedule-{schedule_id}", None) or self._fire_time(schedule)
+        fire_time = self._due.pop(job_id(schedule_id), None) or self._fire_time(schedule)
         run = self.store.start_run(schedule_id, fire_time)
         if run is None:
             log.info("schedule %d already fired for %s", schedule_id, fire_time)
@@ -357,11 +370,9 @@ class Scheduler:
                     if schedule.local_time else None
                 if held is not None and self.scheduler is not None:
                     # The next zone's turn: the same job, at its release time.
-                    self.scheduler.add_job(
-                        JOB_FUNC, DateTrigger(run_date=held), args=[schedule_id],
-                        id=f"schedule-{schedule_id}", replace_existing=True, coalesce=True,
-                        max_instances=1,
-                        misfire_grace_time=int(self.nl.settings.schedule_grace_seconds))
+                    self.scheduler.add_job(JOB_FUNC, DateTrigger(run_date=held),
+                                           replace_existing=True,
+                                           **job_options(self.nl, schedule_id))
                     note += f"; next zone at {held:%Y-%m-%d %H:%M} UTC"
                 else:
                     self.store.set_status(schedule_id, "done")
