@@ -41,17 +41,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from send_bench import resolve_issue  # same folder
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 DEFAULT_ISSUE = "examples/issues/sample.md"
 SELECTOR, DOMAIN = "bench", "example.org"
-
-
-def resolve_issue(arg: str) -> Path:
-    path = Path(arg).expanduser()
-    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-        path = REPO_ROOT / path  # the default works from any working directory
-    return path.resolve()
 
 
 def cpu_model() -> str:
