@@ -49,9 +49,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .content.model import Article, HeaderText, Issue, Section
 from .content.parse import (  # the reader's own helpers: same lines, same field names
     _field_name,
-    _Loader,
     _nearest_line,
-    _yaml_lines,
+    _parse_yaml,
     parse_issue,
 )
 from .errors import ContentError, NewsletterError
@@ -218,15 +217,9 @@ def load_definition(
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ContentError(f"cannot read the definition: {exc}", path=name) from None
-    try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ContentError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}", path=name,
-                           line=mark.line + 1 if mark is not None else None) from None
+    data, lines = _parse_yaml(text, name, offset=0)
     if not isinstance(data, dict):
         raise ContentError("a digest definition is a mapping of fields", path=name, line=1)
-    lines = _yaml_lines(text)
 
     def fail(message: str, *loc: str | int) -> ContentError:
         return ContentError(message, path=name, line=_nearest_line(lines, loc),
@@ -374,16 +367,9 @@ def read_item(path: Path) -> Item:
         end = next(i for i in range(1, len(src)) if src[i].strip() in ("---", "..."))
     except StopIteration:
         raise ContentError("front matter is not closed with '---'", path=name, line=1) from None
-    front_text = "\n".join(src[1:end])
-    try:
-        front = yaml.load(front_text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ContentError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}", path=name,
-                           line=mark.line + 2 if mark is not None else None) from None
+    front, lines = _parse_yaml("\n".join(src[1:end]), name, offset=1)
     if not isinstance(front, dict):
         raise ContentError("front matter must be a mapping of fields", path=name, line=2)
-    lines = _yaml_lines(front_text, offset=1)
 
     def fail(message: str, key: str) -> ContentError:
         return ContentError(message, path=name, line=lines.get((key,), 2), field=key)
