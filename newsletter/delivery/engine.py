@@ -448,22 +448,33 @@ class Engine:
                         raise
 
         async def tick() -> None:
-            beat = 0.0
+            polled = written = 0.0
+            written_note: str | None = None
             while True:
                 await asyncio.sleep(0.1)
                 progress.note = "; ".join(notes.values())
                 if self.on_progress:
                     self.on_progress(progress)
-                if time.monotonic() - beat >= self.poll:
-                    beat = time.monotonic()
-                    try:
+                now = time.monotonic()
+                if now - polled < self.poll:
+                    continue
+                polled = now
+                note = progress.note or None
+                try:
+                    # The row is written (heartbeat, note) only when the note changes or the
+                    # lease needs renewing; in between, polling for a pause or a cancel is a
+                    # read, which does not compete with the ledger's writes.
+                    if note != written_note or now - written >= self.lease / 3:
                         status = self.store.heartbeat(campaign_id, runner=self.runner,
-                                                      note=progress.note or None)
-                    except Exception as exc:  # a busy database: try again next time
-                        log.warning("heartbeat of campaign %d failed: %s", campaign_id, exc)
-                        continue
-                    if status in (CampaignStatus.PAUSED, CampaignStatus.CANCELLED):
-                        fail(f"campaign {campaign_id} was {status.value}")
+                                                      note=note)
+                        written, written_note = now, note
+                    else:
+                        status = self.store.campaign_status(campaign_id)
+                except Exception as exc:  # a busy database: try again next time
+                    log.warning("heartbeat of campaign %d failed: %s", campaign_id, exc)
+                    continue
+                if status in (CampaignStatus.PAUSED, CampaignStatus.CANCELLED):
+                    fail(f"campaign {campaign_id} was {status.value}")
 
         ticker = asyncio.create_task(tick())
         error: BaseException | None = None

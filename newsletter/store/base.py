@@ -194,6 +194,10 @@ class DeliveryStore(Protocol):
         may have paused or cancelled it)."""
         ...
 
+    def campaign_status(self, campaign_id: int) -> CampaignStatus:
+        """The campaign's status now (another process may have paused or cancelled it)."""
+        ...
+
     def next_retry_at(self, campaign_id: int) -> dt.datetime | None:
         """When the earliest temporarily failed row is due again, if any."""
         ...

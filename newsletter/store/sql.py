@@ -733,6 +733,10 @@ class SqlStore:
             conn.execute(update(campaigns).where(campaigns.c.id == campaign_id,
                                                  campaigns.c.runner == runner)
                          .values(heartbeat_at=utcnow(), status_note=note))
+        return self.campaign_status(campaign_id)
+
+    def campaign_status(self, campaign_id: int) -> CampaignStatus:
+        with self.engine.connect() as conn:
             return CampaignStatus(conn.execute(select(campaigns.c.status)
                                                .where(campaigns.c.id == campaign_id))
                                   .scalar_one())
