@@ -14,6 +14,8 @@ any of them into one clear line and a non-zero exit::
     │   └── ConflictError      the operation contradicts what is stored (already sent, ...)
     ├── ImportFileError        a subscriber file cannot be read at all (bad rows are reported,
     │                          not raised)
+    ├── FilterSyntaxError      a segment filter does not parse (carries the error's position)
+    ├── AuthError              an API request has no valid token, or its role may not do that
     └── DeliveryError          one message could not be delivered
         ├── TemporaryDeliveryError   4xx, connection dropped, timeout: may be retried
         │   └── RelayError           the relay itself failed (connect, TLS, auth, MAIL FROM)
@@ -78,6 +80,29 @@ class ConflictError(StoreError):
 
 class ImportFileError(NewsletterError):
     """A subscriber file cannot be read at all."""
+
+
+class FilterSyntaxError(NewsletterError, ValueError):
+    """A segment filter is invalid; `position` is the 0-based offset of the problem in
+    `text`, so a caret can point at it."""
+
+    def __init__(self, message: str, *, text: str, position: int) -> None:
+        self.message = message
+        self.text = text
+        self.position = position
+        super().__init__(f"invalid filter at position {position + 1}: {message}")
+
+    def pointer(self) -> str:
+        """The filter and a caret under the problem, for a terminal."""
+        return f"{self.text}\n{' ' * self.position}^"
+
+
+class AuthError(NewsletterError):
+    """An API request is not authenticated (401) or not allowed for its role (403)."""
+
+    def __init__(self, message: str, *, status: int = 401) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class DeliveryError(NewsletterError):

@@ -90,6 +90,8 @@ lists = Table(
     Column("language", String(16), nullable=False, default="en", server_default="en"),
     # Send the welcome template when an address is confirmed (or joins a single opt-in list).
     Column("welcome", Boolean, nullable=False, default=False, server_default="0"),
+    # The list's default time zone (IANA name) for local-time sends; None: the schedule's.
+    Column("zone", String(64), nullable=True),
 )
 
 subscribers = Table(
@@ -155,6 +157,10 @@ campaigns = Table(
     Column("status_note", Text, nullable=True),
     # False: whoever already has (or is due) this issue from another campaign is left out.
     Column("resend", Boolean, nullable=False, default=False),
+    # A segment send: the filter (segment language) the audience was narrowed by, and the
+    # segments' names for display. The audience is fixed when the campaign is enqueued.
+    Column("segment_filter", Text, nullable=True),
+    Column("segment_names", Text, nullable=True),
     Index(None, "issue_key"),
 )
 
@@ -206,13 +212,29 @@ archive = Table(
     Index(None, "list_id", "published_at"),
 )
 
-# Addresses never to be sent to on any list (hard bounces over the threshold, complaints,
-# admin); checked when a campaign's audience is fixed and honoured by queued rows at once.
+class SuppressionKind(StrEnum):
+    ADDRESS = "address"  # email_key is a lowercased address
+    DOMAIN = "domain"    # email_key is a lowercased domain: every address at it
+    HASH = "hash"        # email_key is the salted hash of an erased address (no address kept)
+
+
+class SuppressionReason(StrEnum):
+    UNSUBSCRIBED = "unsubscribed"  # left every list
+    HARD_BOUNCE = "hard-bounce"
+    COMPLAINT = "complaint"
+    ADMIN = "admin"
+    ERASED = "erased"              # a data-subject erasure: only the hash remains
+
+
+# Addresses and domains never to be sent to on any list; checked when a campaign's audience
+# is fixed, honoured by queued rows at once, and by every import and subscribe form.
 suppressions = Table(
     "suppressions", metadata,
     Column("id", Integer, primary_key=True),
+    # What is suppressed, as `kind` says: an address, a domain or an erased address's hash.
     Column("email_key", String(320), nullable=False, unique=True),
-    Column("reason", String(32), nullable=False),   # hard-bounce, complaint, admin, unsubscribed
+    Column("kind", String(16), nullable=False, default="address", server_default="address"),
+    Column("reason", String(32), nullable=False),   # a SuppressionReason
     Column("note", Text, nullable=False, default="", server_default=""),
     Column("created_at", TZ, nullable=False),
 )
@@ -267,4 +289,67 @@ locks = Table(
     Column("name", String(64), primary_key=True),
     Column("holder", String(200), nullable=False),
     Column("expires_at", TZ, nullable=False),
+)
+
+# Named filters over subscribers and memberships (newsletter.segments parses the language).
+segments = Table(
+    "segments", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("filter", Text, nullable=False),
+    Column("description", Text, nullable=False, default="", server_default=""),
+    Column("created_at", TZ, nullable=False),
+    Column("updated_at", TZ, nullable=False),
+)
+
+# Bearer tokens of the admin API: only a SHA-256 of the token is kept (it is shown once).
+api_tokens = Table(
+    "api_tokens", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(100), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),          # admin, editor, viewer
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", TZ, nullable=False),
+    Column("created_by", String(200), nullable=False, default="", server_default=""),
+    Column("last_used_at", TZ, nullable=True),
+    Column("revoked_at", TZ, nullable=True),
+)
+
+# Who did what to which object, and when: every admin action from the CLI or the API.
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", TZ, nullable=False),
+    Column("actor", String(200), nullable=False),       # cli:USER or token:NAME
+    Column("action", String(64), nullable=False),       # list.create, subscriber.erase, ...
+    Column("target", Text, nullable=False, default="", server_default=""),
+    Column("detail", JSON, nullable=False, default=dict),
+    Index(None, "at"),
+)
+
+# Imports started from the API (or CLI), so their progress can be polled.
+import_jobs = Table(
+    "import_jobs", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("list_id", Integer, ForeignKey("lists.id", ondelete="CASCADE"), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("status", String(16), nullable=False),       # queued, running, done, failed
+    Column("dry_run", Boolean, nullable=False, default=False, server_default="0"),
+    Column("rows_read", Integer, nullable=False, default=0, server_default="0"),
+    Column("imported", Integer, nullable=False, default=0, server_default="0"),
+    Column("updated", Integer, nullable=False, default=0, server_default="0"),
+    Column("skipped", Integer, nullable=False, default=0, server_default="0"),
+    Column("report_path", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created_by", String(200), nullable=False, default="", server_default=""),
+    Column("created_at", TZ, nullable=False),
+    Column("finished_at", TZ, nullable=True),
+)
+
+# Small per-database values: the salt of erased addresses' hashes lives here, so rotating
+# SECRET_KEY does not let an erased address back in.
+meta = Table(
+    "meta", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
 )

@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from ..errors import ConflictError, NotFoundError
 from ..headers import check_header_text
 from ..render.message import Recipient
+from . import suppression
 from .base import (
     ArchiveEntry,
     Batch,
@@ -51,6 +52,7 @@ from .schema import (
     CampaignStatus,
     DeliveryStatus,
     MembershipStatus,
+    SuppressionKind,
     archive,
     campaign_lists,
     campaigns,
@@ -60,8 +62,8 @@ from .schema import (
     memberships,
     relay_usage,
     subscribers,
-    suppressions,
 )
+from .suppression import suppressed_clause
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _OPTED_OUT = (MembershipStatus.UNSUBSCRIBED, MembershipStatus.BOUNCED)
@@ -885,9 +887,9 @@ class SqlStore:
             return _suppress(conn, email.lower(), reason=reason, note=note, now=now)
 
     def is_suppressed(self, email: str) -> bool:
-        with self.engine.connect() as conn:
-            return conn.execute(select(suppressions.c.id).where(
-                suppressions.c.email_key == email.lower())).first() is not None
+        """Suppressed by address, by domain or as an erased address."""
+        with self.engine.begin() as conn:
+            return suppression.find(conn, email) is not None
 
     def bounce_counts(self, subscriber_id: int) -> tuple[int, int]:
         with self.engine.connect() as conn:
@@ -966,20 +968,8 @@ def _bounce_subscriber(conn: Connection, sid: int, lid: int | None, *, hard: boo
 
 def _suppress(conn: Connection, email_key: str, *, reason: str, note: str,
               now: dt.datetime) -> bool:
-    if conn.execute(select(suppressions.c.id)
-                    .where(suppressions.c.email_key == email_key)).first() is not None:
-        return False
-    conn.execute(insert(suppressions).values(email_key=email_key, reason=reason, note=note,
-                                             created_at=now))
-    sid = conn.execute(select(subscribers.c.id)
-                       .where(subscribers.c.email_key == email_key)).scalar()
-    if sid is not None:
-        # Honoured by running sends for every message not yet handed to a relay.
-        conn.execute(update(deliveries).where(
-            deliveries.c.subscriber_id == sid,
-            deliveries.c.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.FAILED_TEMP]),
-        ).values(status=DeliveryStatus.SKIPPED, updated_at=now))
-    return True
+    return suppression.add(conn, email_key, kind=SuppressionKind.ADDRESS, reason=reason,
+                           note=note, now=now)
 
 
 def _target(conn: Connection, sid: int, lid: int) \
@@ -1035,10 +1025,11 @@ def _audience(list_ids: Sequence[int], *, issue_key: str | None,
                memberships.c.status == MembershipStatus.ACTIVE)
         .group_by(memberships.c.subscriber_id)
     )
-    # Suppressed addresses are on no campaign's audience, whatever their list status.
-    query = query.where(~select(suppressions.c.id).join(
-        subscribers, subscribers.c.email_key == suppressions.c.email_key,
-    ).where(subscribers.c.id == memberships.c.subscriber_id).exists())
+    # Suppressed addresses and domains are on no campaign's audience, whatever their
+    # list status.
+    query = query.where(~select(subscribers.c.id).where(
+        subscribers.c.id == memberships.c.subscriber_id,
+        suppressed_clause(subscribers.c.email_key)).exists())
     if issue_key is not None:
         # Rows that were (or may have been) handed to a relay count even in a cancelled
         # campaign; only its never-attempted rows do not.
