@@ -26,6 +26,7 @@ class MailingList:
     public: bool = True
     language: str = "en"
     welcome: bool = False
+    zone: str | None = None   # default time zone for local-time sends (IANA name)
 
 
 @dataclass(frozen=True)

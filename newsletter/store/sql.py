@@ -115,7 +115,7 @@ _UNFINISHED = (DeliveryStatus.QUEUED, DeliveryStatus.SENDING, DeliveryStatus.FAI
 _TARGET = text(
     "SELECT s.id AS s_id, s.email, s.name AS s_name, s.attributes, s.created_at AS s_created, "
     "l.id AS l_id, l.slug, l.name AS l_name, l.description, l.created_at AS l_created, "
-    "l.double_opt_in, l.public, l.language, l.welcome, m.status "
+    "l.double_opt_in, l.public, l.language, l.welcome, l.zone, m.status "
     "FROM subscribers s JOIN lists l ON l.id = :lid "
     "LEFT JOIN memberships m ON m.subscriber_id = s.id AND m.list_id = l.id "
     "WHERE s.id = :sid"
@@ -980,7 +980,7 @@ def _target(conn: Connection, sid: int, lid: int) \
     sub = Subscriber(r.s_id, r.email, r.s_name, r.attributes or {}, r.s_created)
     mlist = MailingList(r.l_id, r.slug, r.l_name, r.description, r.l_created,
                         double_opt_in=bool(r.double_opt_in), public=bool(r.public),
-                        language=r.language, welcome=bool(r.welcome))
+                        language=r.language, welcome=bool(r.welcome), zone=r.zone)
     return sub, mlist, None if r.status is None else MembershipStatus(r.status)
 
 
@@ -1059,7 +1059,7 @@ def _campaign_list_ids(conn: Connection, campaign_id: int) -> tuple[int, ...]:
 def _list(row: Row[Any]) -> MailingList:
     return MailingList(row.id, row.slug, row.name, row.description, row.created_at,
                        double_opt_in=bool(row.double_opt_in), public=bool(row.public),
-                       language=row.language, welcome=bool(row.welcome))
+                       language=row.language, welcome=bool(row.welcome), zone=row.zone)
 
 
 def _subscriber(row: Row[Any]) -> Subscriber:

@@ -182,6 +182,13 @@ def lift_unsubscribed(conn: Connection, email_key: str) -> None:
         suppressions.c.reason == SuppressionReason.UNSUBSCRIBED))
 
 
+def get(conn: Connection, key: str) -> Suppression:
+    row = conn.execute(select(suppressions).where(suppressions.c.email_key == key)).first()
+    if row is None:
+        raise NotFoundError(f"{key} is not suppressed")
+    return _row(row)
+
+
 def find(conn: Connection, email_key: str) -> Suppression | None:
     """The entry that suppresses this address (by address, domain or hash), if any."""
     key = email_key.lower()
