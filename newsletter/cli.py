@@ -32,16 +32,16 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
+from .admin import Admin, cli_actor
 from .delivery.engine import Progress as SendProgress
 from .delivery.engine import RunReport
-from .errors import ConflictError, NewsletterError, NotFoundError
+from .errors import ConflictError, FilterSyntaxError, NewsletterError
 from .render.templates import render_template
 from .service import Newsletter, SendPlan, send_runner
 from .settings import Settings, load_settings
 from .store.base import DeliveryCounts
-from .store.imports import ImportReport, import_csv, normalize_email
+from .store.imports import ImportReport, import_csv
 from .store.schema import CampaignStatus, DeliveryStatus, MembershipStatus
-from .store.sql import NewMember
 from .subscriptions import SUPPORTED_LANGUAGES
 from .web.labels import labels as web_labels
 
@@ -153,13 +153,16 @@ def lists_create(
     = "en",
     welcome: Annotated[bool, typer.Option(
         "--welcome/--no-welcome", help="Mail the welcome template to new subscribers.")] = False,
+    zone: Annotated[str | None, typer.Option(
+        help="Default time zone for local-time sends (IANA name, e.g. Asia/Shanghai).")]
+    = None,
 ) -> None:
     """Create a subscriber list."""
     if language not in SUPPORTED_LANGUAGES:
         raise ConflictError(f"--language must be one of {', '.join(SUPPORTED_LANGUAGES)}")
-    mlist = _state.app.store.create_list(slug, name=name, description=description,
-                                         double_opt_in=double_opt_in, public=public,
-                                         language=language, welcome=welcome)
+    mlist = Admin(_state.app, cli_actor()).create_list(
+        slug, name=name, description=description, double_opt_in=double_opt_in, public=public,
+        language=language, welcome=welcome, zone=zone)
     out.print(f"created list {mlist.slug} ({mlist.name})")
 
 
@@ -238,23 +241,29 @@ ListOpt = Annotated[str, typer.Option("--list", "-l", help="The list's slug.")]
 @subs_app.command("add")
 def subs_add(
     email: Annotated[str, typer.Argument(help="The address to add.")],
-    list_slug: ListOpt,
+    list_slugs: Annotated[list[str], typer.Option(
+        "--list", "-l", help="The list (repeat for several).")],
     name: Annotated[str, typer.Option(help="The subscriber's name.")] = "",
+    attr: Annotated[list[str] | None, typer.Option(
+        "--attr", help="An attribute: key=value (repeatable).")] = None,
+    language: Annotated[str | None, typer.Option(help="en or zh.")] = None,
+    zone: Annotated[str | None, typer.Option(help="IANA time zone.")] = None,
 ) -> None:
-    """Add one subscriber to a list (active at once)."""
-    try:
-        address = normalize_email(email)
-    except ValueError as exc:
-        raise NewsletterError(f"invalid address {email!r}: {exc}") from None
-    store = _state.app.store
-    mlist = store.get_list(list_slug)
-    result = store.upsert_members(mlist.id, [NewMember(address, name)], source="cli")
-    if result.opted_out:
-        raise NewsletterError(f"{address} unsubscribed from or bounced on {list_slug} before; "
-                              "not reactivated")
-    verb = "added" if result.added else ("updated" if result.updated else "already on")
-    out.print(f"{verb} {address} {'to' if result.added else 'on'} {list_slug}"
-              if verb != "already on" else f"{address} is already on {list_slug}")
+    """Add one subscriber to lists (active at once). Suppressed addresses are refused, and
+    an address that left a list is not reactivated."""
+    from .cli_admin import _attrs
+
+    existing = _state.app.store.find_subscriber(email.strip())
+    before = set() if existing is None else {
+        m.slug for m, s in _state.app.store.memberships_of(existing.id)}
+    d = Admin(_state.app, cli_actor()).add_subscriber(
+        email, lists=list_slugs, name=name, attributes=_attrs(attr or []), language=language,
+        zone=zone)
+    added = [s for s in list_slugs if s not in before]
+    if added:
+        out.print(f"added {d.email} to {', '.join(added)}", highlight=False)
+    else:
+        out.print(f"{d.email} is already on {', '.join(list_slugs)}", highlight=False)
 
 
 @subs_app.command("import")
@@ -326,16 +335,11 @@ def subs_ls(
 def subs_unsubscribe(
     email: Annotated[str, typer.Argument(help="The address to unsubscribe.")],
     list_slug: Annotated[str | None, typer.Option(
-        "--list", "-l", help="Only from this list (default: from every list).")] = None,
+        "--list", "-l", help="Only from this list (default: every list, and the address is "
+        "suppressed).")] = None,
 ) -> None:
     """Unsubscribe an address; running sends skip it for every message not yet sent."""
-    store = _state.app.store
-    list_id = store.get_list(list_slug).id if list_slug else None
-    try:
-        n = store.set_status(email.strip(), MembershipStatus.UNSUBSCRIBED, source="cli",
-                             list_id=list_id)
-    except NotFoundError:
-        raise NewsletterError(f"no subscriber {email}") from None
+    n = Admin(_state.app, cli_actor()).unsubscribe(email.strip(), list_slug=list_slug)
     where = list_slug or "every list"
     out.print(f"unsubscribed {email} from {where}" if n else
               f"{email} was not subscribed to {where}; nothing changed")
@@ -911,12 +915,19 @@ def show_settings() -> None:
               "relays: " + ", ".join(r.smtp.describe() for r in relays), markup=False)
 
 
+# The admin commands live in their own module and register themselves on the groups above.
+from . import cli_admin  # noqa: E402, F401
+
+
 def main() -> None:
     """Console entry point: one clear line for every expected error."""
     # Typer runs in standalone mode: usage errors, --help and typer.Exit end in SystemExit
     # there; our own errors come out here.
     try:
         app()
+    except FilterSyntaxError as exc:
+        err.print(f"error: {exc}\n{exc.pointer()}", markup=False)
+        sys.exit(1)
     except NewsletterError as exc:
         err.print(f"error: {exc}", markup=False)
         sys.exit(1)

@@ -23,7 +23,7 @@ from .render.templates import render_template
 from .render.tokens import TokenError
 from .store.base import MailingList, Subscriber
 from .store.imports import normalize_email
-from .store.schema import MembershipStatus
+from .store.schema import MembershipStatus, SuppressionReason
 
 if TYPE_CHECKING:
     from .service import Newsletter
@@ -177,6 +177,11 @@ class Subscriptions:
         sid = view.subscriber.id
         if leave_all:
             keep = set()
+            # Leaving everything is a global opt-out: no import may add the address back.
+            self.store.suppress(view.subscriber.email, reason=SuppressionReason.UNSUBSCRIBED,
+                                note="left every list on the preferences page")
+        elif keep:
+            self.store.lift_unsubscribed(view.subscriber.email)
         for mlist, status in view.memberships:
             if mlist.id in keep and status != MembershipStatus.ACTIVE:
                 self.store.set_membership(sid, mlist.id, MembershipStatus.ACTIVE,
@@ -218,12 +223,19 @@ class Subscriptions:
         if not self.per_ip.hit(client or "?") or not self.per_address.hit(address.lower()):
             raise RateLimitedError("too many attempts; please try again later")
 
+        entry = self.store.suppression_of(address)
+        if entry is not None and entry.reason != SuppressionReason.UNSUBSCRIBED:
+            # Suppressed (complaint, bounce, admin, erased, a domain): no mail goes there, and
+            # the visitor sees the usual answer. Only an address that once left everything
+            # may come back, and only through the confirmation link it is sent.
+            log.info("subscribe form: suppressed address ignored (%s)", entry.reason)
+            return
         sub = self.store.add_subscriber(
             address, name=name, attributes={"lang": language} if language else None)
         status = self.store.status_on(sub.id, mlist.id)
         if status == MembershipStatus.ACTIVE:
             return  # already subscribed: nothing to do, and nothing to tell
-        if not mlist.double_opt_in and status is None:
+        if not mlist.double_opt_in and status is None and entry is None:
             self.store.set_membership(sub.id, mlist.id, MembershipStatus.ACTIVE,
                                       source=Source.FORM, create=True)
             if mlist.welcome:
@@ -255,6 +267,8 @@ class Subscriptions:
     async def confirm(self, token: str) -> tuple[Subscriber, MailingList, bool]:
         """Make the address active on the list; harmless when done twice."""
         sub, mlist, _status = self.confirm_view(token)
+        # The owner of the mailbox asked again: an earlier "leave everything" is over.
+        self.store.lift_unsubscribed(sub.email)
         changed = self.store.set_membership(sub.id, mlist.id, MembershipStatus.ACTIVE,
                                             source=Source.CONFIRM, create=True)
         if changed and mlist.welcome:

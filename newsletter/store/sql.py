@@ -886,6 +886,15 @@ class SqlStore:
         with self.engine.begin() as conn:
             return _suppress(conn, email.lower(), reason=reason, note=note, now=now)
 
+    def suppression_of(self, email: str) -> suppression.Suppression | None:
+        """The entry suppressing this address (by address, domain or erased hash)."""
+        with self.engine.begin() as conn:
+            return suppression.find(conn, email)
+
+    def lift_unsubscribed(self, email: str) -> None:
+        with self.engine.begin() as conn:
+            suppression.lift_unsubscribed(conn, email)
+
     def is_suppressed(self, email: str) -> bool:
         """Suppressed by address, by domain or as an erased address."""
         with self.engine.begin() as conn:
