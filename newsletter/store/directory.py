@@ -122,7 +122,7 @@ def list_impact(engine: Engine, list_id: int) -> dict[str, int]:
     with engine.connect() as conn:
         by_status: dict[str, int] = dict(conn.execute(
             select(memberships.c.status, func.count()).where(memberships.c.list_id == list_id)
-            .group_by(memberships.c.status)).tuples().all())
+            .group_by(memberships.c.status)).all())
         m2 = memberships.alias("m2")
         only_here = conn.execute(
             select(func.count()).select_from(memberships).where(
@@ -321,7 +321,11 @@ def erase(engine: Engine, sid: int) -> dict[str, int]:
     suppression list so no import or form can add it back. Ledger rows stay (campaign
     counts do not change) but lose their error text, which may quote the address."""
     now = utcnow()
+    sqlite = engine.dialect.name == "sqlite"
     with engine.begin() as conn:
+        if sqlite:
+            # Deleted rows otherwise linger in free pages of the file until reused.
+            conn.exec_driver_sql("PRAGMA secure_delete = ON")
         row = conn.execute(select(subscribers.c.email_key).where(
             subscribers.c.id == sid)).one()
         key = row.email_key
@@ -350,6 +354,11 @@ def erase(engine: Engine, sid: int) -> dict[str, int]:
         counts["audit_entries_scrubbed"] = conn.execute(
             update(audit_log).where(audit_log.c.target == key)
             .values(target=f"subscriber #{sid} (erased)")).rowcount
+    if sqlite:
+        with engine.connect() as conn:
+            # Copy the overwritten pages into the database file now, and empty the WAL,
+            # which still holds the old versions of the pages.
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
     return counts
 
 
@@ -409,7 +418,7 @@ def slugs(engine: Engine) -> set[str]:
 def list_ids(engine: Engine, slug_list: Sequence[str]) -> list[int]:
     with engine.connect() as conn:
         found = dict(conn.execute(select(lists.c.slug, lists.c.id)
-                                  .where(lists.c.slug.in_(list(slug_list)))).tuples().all())
+                                  .where(lists.c.slug.in_(list(slug_list)))).all())
     missing = [s for s in slug_list if s not in found]
     if missing:
         raise NotFoundError(f"no list {missing[0]!r}")
