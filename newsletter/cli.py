@@ -364,21 +364,27 @@ def issue_build(
 @app.command("send")
 def send(
     file: Annotated[Path, typer.Argument(help="Issue file: .md (front matter), .yaml or .json.")],
-    list_slugs: Annotated[list[str], typer.Option(
-        "--list", "-l", help="Target list; repeat for several (each address gets it once).")],
+    list_slugs: Annotated[list[str] | None, typer.Option(
+        "--list", "-l", help="Target list; repeat for several (each address gets it once).")]
+    = None,
+    segment: Annotated[list[str] | None, typer.Option(
+        "--segment", "-s", help="Only subscribers matching this segment (repeat: any of "
+        "them); on the --list lists, or on every list if none is given.")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
     = False,
     again: Annotated[bool, typer.Option(
         "--again", help="Send an issue that already went out to these lists once more.")]
     = False,
 ) -> None:
-    """Send an issue to one or more lists now. Run it again to resume an interrupted send."""
+    """Send an issue to lists or segments now. Run it again to resume an interrupted send."""
     nl = _state.app
-    plan = nl.plan_send(file, list_slugs, again=again)
+    plan = nl.plan_send(file, list_slugs or [], again=again, segments=segment or [])
     _announce_mode(nl)
     for note in plan.notes:
         out.print(f"note: {note}")
     names = ", ".join(m.slug for m in plan.lists)
+    if plan.campaign.segment_names:
+        names = f"segment {plan.campaign.segment_names} on {names}"
     if not yes:
         if not sys.stdin.isatty():
             raise NewsletterError("not a terminal: add --yes to send without confirmation")
@@ -727,6 +733,9 @@ def campaigns_show(campaign_id: CampaignArg) -> None:
     out.print(f"campaign {c.id}: {c.subject}", highlight=False)
     out.print(f"  issue      {c.issue_key} to {', '.join(m.slug for m in lists.values())}",
               highlight=False)
+    if c.segment_filter:
+        out.print(f"  segment    {c.segment_names}: {c.segment_filter}", highlight=False,
+                  markup=False)
     running = f" by {c.runner}" if c.runner else ""
     out.print(f"  status     {c.status.value}{running}"
               + (f" ({c.status_note})" if c.status_note else ""), highlight=False)

@@ -159,14 +159,43 @@ class Newsletter:
 
     # --- sending -----------------------------------------------------------------------------
 
-    def plan_send(self, path: Path, slugs: Sequence[str], *, again: bool = False) -> SendPlan:
-        """Find the campaign this send continues, or create one; nothing is sent yet."""
+    def segment_filter(self, names: Sequence[str]) -> str | None:
+        """The filter of a send to these segments: any of them (or), checked now."""
+        if not names:
+            return None
+        from . import segments as seglang
+        from .store import directory
+
+        texts = [directory.get_segment(self.store.engine, n).filter for n in dict.fromkeys(names)]
+        text = texts[0] if len(texts) == 1 else " or ".join(f"({t})" for t in texts)
+        seglang.check_lists(seglang.parse(text), directory.slugs(self.store.engine))
+        return text
+
+    def plan_send(self, path: Path, slugs: Sequence[str], *, again: bool = False,
+                  segments: Sequence[str] = ()) -> SendPlan:
+        """Find the campaign this send continues, or create one; nothing is sent yet.
+
+        With segments, the audience is the active members matching any of them: on the
+        given lists, or on every list where someone matches when no list is given."""
         issue = load_issue(path)
+        segment_filter = self.segment_filter(segments)
+        if not slugs and segment_filter is None:
+            raise ConflictError("name a list or a segment to send to")
+        if not slugs:
+            from . import segments as seglang
+
+            slugs = self.store.lists_matching(seglang.parse(segment_filter or ""))
+            if not slugs:
+                raise ConflictError(f"nobody active on any list matches segment(s) "
+                                    f"{', '.join(segments)}")
         mlists = [self.store.get_list(slug) for slug in dict.fromkeys(slugs)]
         list_ids = tuple(sorted(m.id for m in mlists))
         notes: list[str] = []
         names = ", ".join(m.slug for m in mlists)
+        if segment_filter is not None:
+            names = f"segment {', '.join(dict.fromkeys(segments))} on {names}"
         previous = [c for c in self.store.find_campaigns(issue.key) if c.list_ids == list_ids
+                    and c.segment_filter == segment_filter
                     and c.status != CampaignStatus.CANCELLED]
         if previous:
             campaign = previous[0]
@@ -190,15 +219,17 @@ class Newsletter:
             if not again:
                 return self._resume_plan(issue, campaign, counts, mlists)
         rendered = self.render(issue)
-        due = self.store.audience_count(list_ids, issue_key=None if again else issue.key)
-        reach = self.store.audience_count(list_ids)
+        due = self.store.audience_count(list_ids, issue_key=None if again else issue.key,
+                                        segment_filter=segment_filter)
+        reach = self.store.audience_count(list_ids, segment_filter=segment_filter)
         if due < reach and not again:
             notes.append(f"{reach - due} subscriber(s) of {names} already got this issue (or are "
                          "due it) from another send and are left out")
         campaign = self.store.create_campaign(
             issue_key=issue.key, content_hash=issue.content_hash(), subject=rendered.subject,
             issue_json=issue.model_dump_json(), html=rendered.html, text=rendered.text,
-            list_ids=list_ids, resend=again,
+            list_ids=list_ids, resend=again, segment_filter=segment_filter,
+            segment_names=", ".join(dict.fromkeys(segments)) or None,
         )
         return SendPlan(campaign, mlists, new=True, due=due, notes=notes)
 
@@ -211,7 +242,8 @@ class Newsletter:
                          "the list gets the version the others got")
         if campaign.started_at is None:
             due = self.store.audience_count(
-                campaign.list_ids, issue_key=None if campaign.resend else issue.key)
+                campaign.list_ids, issue_key=None if campaign.resend else issue.key,
+                segment_filter=campaign.segment_filter)
         else:
             due = counts.due + counts[DeliveryStatus.SENDING]
             notes.append(f"resuming campaign {campaign.id}: {counts[DeliveryStatus.SENT]} "

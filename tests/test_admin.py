@@ -203,3 +203,24 @@ def test_audit_log_filters_and_json(env: SmtpTestServer) -> None:
     assert {e["actor"] for e in entries} == {cli_actor()}
     assert _run("audit", "ls", "--actor", "token:nobody").count("list.") == 0
     assert "--since wants" in _run("audit", "ls", "--since", "yesterday", code=1)
+
+
+def test_a_lists_zone_is_the_fallback_for_local_time_sends(tmp_path: Path) -> None:
+    import datetime as dt
+    import zoneinfo
+
+    from newsletter.store.sql import NewMember
+
+    from .conftest import make_settings
+
+    nl = Newsletter(make_settings(tmp_path))
+    mlist = Admin(nl, "t").create_list("east", zone="Etc/GMT-3")  # UTC+3
+    nl.store.upsert_members(mlist.id, [
+        NewMember("own@example.com", attributes={"tz": "Etc/GMT-2"}),  # its own zone wins
+        NewMember("list@example.com"),                                 # the list's zone
+    ], source="test")
+    campaign = nl.plan_send(SAMPLE_MD, ["east"]).campaign
+    wall = dt.datetime(2030, 1, 1, 8, 0)
+    releases = nl.store.release_by_zone(campaign.id, wall, "UTC", zoneinfo.ZoneInfo)
+    assert releases == {dt.datetime(2030, 1, 1, 5, 0, tzinfo=dt.UTC): 1,
+                        dt.datetime(2030, 1, 1, 6, 0, tzinfo=dt.UTC): 1}

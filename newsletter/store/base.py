@@ -93,6 +93,8 @@ class Campaign:
     runner: str | None = None
     resend: bool = False
     status_note: str | None = None
+    segment_filter: str | None = None   # a segment send: the filter its audience matched
+    segment_names: str | None = None
 
 
 @dataclass

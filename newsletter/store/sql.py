@@ -277,11 +277,25 @@ class SqlStore:
                 conn.execute(insert(membership_events), events)
         return result
 
-    def audience_count(self, list_ids: Sequence[int], *, issue_key: str | None = None) -> int:
+    def audience_count(self, list_ids: Sequence[int], *, issue_key: str | None = None,
+                       segment_filter: str | None = None) -> int:
         """How many a new campaign to these lists would reach (see _audience)."""
-        sub = _audience(list_ids, issue_key=issue_key, exclude_campaign=None).subquery()
+        sub = _audience(list_ids, issue_key=issue_key, exclude_campaign=None,
+                        segment_filter=segment_filter).subquery()
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(sub)).scalar_one())
+
+    def lists_matching(self, flt: Any) -> list[str]:
+        """Slugs of the lists with at least one active member matching a segment filter."""
+        from .. import segments
+
+        with self.engine.connect() as conn:
+            return list(conn.execute(
+                select(lists.c.slug).where(select(memberships.c.list_id).join(
+                    subscribers, subscribers.c.id == memberships.c.subscriber_id).where(
+                    memberships.c.list_id == lists.c.id,
+                    memberships.c.status == MembershipStatus.ACTIVE,
+                    segments.compile_filter(flt)).exists()).order_by(lists.c.slug)).scalars())
 
     def members(self, list_id: int, *, status: MembershipStatus | None = None,
                 batch: int = 1000) -> Iterator[Member]:
@@ -508,12 +522,14 @@ class SqlStore:
 
     def create_campaign(self, *, issue_key: str, content_hash: str, subject: str,
                         issue_json: str, html: str, text: str, list_ids: Sequence[int],
-                        resend: bool = False) -> Campaign:
+                        resend: bool = False, segment_filter: str | None = None,
+                        segment_names: str | None = None) -> Campaign:
         with self.engine.begin() as conn:
             key = conn.execute(insert(campaigns).values(
                 issue_key=issue_key, content_hash=content_hash, subject=subject,
                 issue_json=issue_json, html=html, text=text, status=CampaignStatus.DRAFT,
-                created_at=utcnow(), resend=resend,
+                created_at=utcnow(), resend=resend, segment_filter=segment_filter,
+                segment_names=segment_names,
             )).inserted_primary_key
             assert key is not None
             cid = int(key[0])
@@ -544,7 +560,8 @@ class SqlStore:
                         zone_of: Callable[[str], Any]) -> dict[dt.datetime, int]:
         """Local-time delivery: fix the campaign's audience (if not yet) and hold each row
         until `wall` (a naive wall-clock time) in the subscriber's zone: the `tz` attribute,
-        else fallback_tz. Returns {release time (UTC): rows}. Idempotent."""
+        else its list's zone, else fallback_tz. Returns {release time (UTC): rows}.
+        Idempotent."""
         now = utcnow()
         releases: dict[dt.datetime, list[int]] = {}
         zones: dict[str, dt.datetime] = {}
@@ -555,13 +572,14 @@ class SqlStore:
                 conn.execute(update(campaigns).where(campaigns.c.id == campaign_id)
                              .values(started_at=now))
             rows = conn.execute(
-                select(deliveries.c.id, subscribers.c.attributes)
+                select(deliveries.c.id, subscribers.c.attributes, lists.c.zone)
                 .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
+                .join(lists, lists.c.id == deliveries.c.list_id)
                 .where(deliveries.c.campaign_id == campaign_id,
                        deliveries.c.status == DeliveryStatus.QUEUED,
                        deliveries.c.next_attempt_at.is_(None))).all()
-            for delivery_id, attrs in rows:
-                name = str((attrs or {}).get("tz") or fallback_tz)
+            for delivery_id, attrs, list_zone in rows:
+                name = str((attrs or {}).get("tz") or list_zone or fallback_tz)
                 if name not in zones:
                     try:
                         zones[name] = wall.replace(tzinfo=zone_of(name)).astimezone(dt.UTC)
@@ -931,7 +949,7 @@ def _enqueue_audience(conn: Connection, row: Row[Any], now: dt.datetime) -> int:
     """A campaign's first run: fix its audience now, in one INSERT ... SELECT."""
     audience = _audience(_campaign_list_ids(conn, row.id),
                          issue_key=None if row.resend else row.issue_key,
-                         exclude_campaign=row.id)
+                         exclude_campaign=row.id, segment_filter=row.segment_filter)
     return int(conn.execute(insert(deliveries).from_select(
         ["subscriber_id", "list_id", "campaign_id", "status", "attempts", "updated_at"],
         audience.add_columns(literal(row.id), literal(DeliveryStatus.QUEUED.value),
@@ -1020,10 +1038,12 @@ def _apply_status(conn: Connection, sid: int, lid: int, old: str, status: Member
 
 
 def _audience(list_ids: Sequence[int], *, issue_key: str | None,
-              exclude_campaign: int | None) -> Select[Any]:
+              exclude_campaign: int | None, segment_filter: str | None = None) -> Select[Any]:
     """(subscriber_id, list_id) of everyone a campaign to these lists is for.
 
-    Someone on several of the lists appears once, through the list with the lowest id. With
+    Someone on several of the lists appears once, through the list with the lowest id. A
+    segment filter narrows it to the memberships that match, so a segment send's rows still
+    name the real list each recipient is on (and its unsubscribe link leaves that list). With
     an issue_key, anyone another campaign of the same issue already sent to or still owes
     (any status but 'skipped') is left out, so sending an issue to lists that overlap an
     earlier send never gives anyone a second copy.
@@ -1034,6 +1054,11 @@ def _audience(list_ids: Sequence[int], *, issue_key: str | None,
                memberships.c.status == MembershipStatus.ACTIVE)
         .group_by(memberships.c.subscriber_id)
     )
+    if segment_filter:
+        from .. import segments  # the parser loads only for segment sends
+
+        query = query.join(subscribers, subscribers.c.id == memberships.c.subscriber_id) \
+            .where(segments.compile_filter(segments.parse(segment_filter)))
     # Suppressed addresses and domains are on no campaign's audience, whatever their
     # list status.
     query = query.where(~select(subscribers.c.id).where(
@@ -1087,6 +1112,7 @@ def _campaign(row: Row[Any], list_ids: tuple[int, ...]) -> Campaign:
         status=CampaignStatus(row.status), list_ids=list_ids, created_at=row.created_at,
         started_at=row.started_at, finished_at=row.finished_at, last_error=row.last_error,
         runner=row.runner, resend=bool(row.resend), status_note=row.status_note,
+        segment_filter=row.segment_filter, segment_names=row.segment_names,
     )
 
 
