@@ -87,6 +87,9 @@ app.add_typer(digest_app, name="digest")
 bounces_app = typer.Typer(help="Receive bounces (delivery status notifications) and record "
                           "them.", no_args_is_help=True)
 app.add_typer(bounces_app, name="bounces")
+tokens_app = typer.Typer(help="Bearer tokens of the admin API (/api/): create, ls, revoke.",
+                         no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
 
 
 class _State:
@@ -343,6 +346,53 @@ def subs_unsubscribe(
     where = list_slug or "every list"
     out.print(f"unsubscribed {email} from {where}" if n else
               f"{email} was not subscribed to {where}; nothing changed")
+
+
+# --- API tokens -------------------------------------------------------------------------------
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Argument(help="A name for who uses it, e.g. 'ci' or 'ana'.")],
+    role: Annotated[str, typer.Option(
+        help="admin (everything), editor (campaigns, schedules, segments) or viewer "
+             "(read only).")],
+) -> None:
+    """Create a token and print it once: only its SHA-256 is kept."""
+    from .admin import cli_actor
+    from .apitokens import Tokens
+
+    record, token = Tokens(_state.app.store.engine).create(name, role, actor=cli_actor())
+    # The token alone on stdout, so scripts can capture it: TOKEN=$(newsletter tokens ...)
+    print(token)
+    err.print(f"created {record.role.value} token {record.name!r}; it is shown only now. "
+              "Send it as: Authorization: Bearer TOKEN", highlight=False)
+
+
+@tokens_app.command("ls")
+def tokens_ls() -> None:
+    """List tokens: name, role, created, last used, revoked (never the tokens)."""
+    from .apitokens import Tokens
+
+    found = Tokens(_state.app.store.engine).all()
+    if not found:
+        out.print("no tokens; create one with: newsletter tokens create NAME --role ROLE")
+        return
+    table = Table("name", "role", "created", "by", "last used", "revoked", box=None)
+    for t in found:
+        table.add_row(t.name, t.role.value, f"{t.created_at:%Y-%m-%d %H:%M}", t.created_by,
+                      f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "-",
+                      f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "-")
+    out.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: Annotated[str, typer.Argument(help="The token's name.")]) -> None:
+    """Revoke a token for good: requests with it are refused from now on."""
+    from .admin import cli_actor
+    from .apitokens import Tokens
+
+    record = Tokens(_state.app.store.engine).revoke(name, actor=cli_actor())
+    out.print(f"revoked token {record.name!r} ({record.role.value})", highlight=False)
 
 
 # --- issues -----------------------------------------------------------------------------------

@@ -183,6 +183,10 @@ def create_app(nl: Newsletter, *, relay: Relay | None = None,
     app = FastAPI(title="newsletter", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.web = web
+    # The admin JSON API (bearer tokens): its own OpenAPI document at /api/openapi.json.
+    from .api import mount_api
+
+    mount_api(app, web)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> PlainTextResponse:
