@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from apscheduler.triggers.date import DateTrigger
 from email_validator import EmailNotValidError
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import ColumnElement, Engine, insert, select, update
 
 from .admin import Admin, InvalidError
 from .content.model import Issue
@@ -492,12 +492,20 @@ class ImportJobs:
         with self.nl.store.engine.connect() as conn:
             return [_job(r) for r in conn.execute(query).all()]
 
-    def fail_unfinished(self, reason: str) -> int:
-        """Jobs a stopped server left queued or running can never finish: say so."""
+    def fail_unfinished(self, reason: str, *, ids: Sequence[int] | None = None,
+                        older_than: dt.timedelta | None = None) -> int:
+        """Mark jobs that can never finish as failed, so pollers are not left waiting: the
+        given ones (a stopping server's own), or those created longer ago than older_than
+        (a server that crashed; the job rows do not say which process runs them, so a
+        younger one may still be running elsewhere)."""
+        cond: list[ColumnElement[bool]] = [import_jobs.c.status.in_(["queued", "running"])]
+        if ids is not None:
+            cond.append(import_jobs.c.id.in_(list(ids)))
+        if older_than is not None:
+            cond.append(import_jobs.c.created_at < utcnow() - older_than)
         with self.nl.store.engine.begin() as conn:
-            n = conn.execute(update(import_jobs).where(
-                import_jobs.c.status.in_(["queued", "running"]),
-            ).values(status="failed", error=reason, finished_at=utcnow())).rowcount
+            n = conn.execute(update(import_jobs).where(*cond).values(
+                status="failed", error=reason, finished_at=utcnow())).rowcount
         return int(n)
 
     def _set(self, job_id: int, **values: Any) -> None:

@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 # SQLite integers are 64-bit: a larger id in a path could only overflow, never match.
 MAX_ID = 2**63 - 1
 MAX_UPLOAD = 20 * 1024 * 1024  # an issue file; subscriber imports are not limited
+# An import still queued or running this long after its upload belongs to a server that
+# died (a million rows take about a minute): a starting server marks it failed.
+ABANDONED_IMPORT = dt.timedelta(hours=6)
 
 T = TypeVar("T")
 
@@ -364,6 +367,9 @@ class ErasedOut(BaseModel):
 class ExportOut(BaseModel):
     """Everything stored about one subscriber."""
 
+    # A data-subject export must never lose what the store adds to it later.
+    model_config = ConfigDict(extra="allow")
+
     subscriber: dict[str, Any]
     memberships: list[dict[str, Any]]
     history: list[dict[str, Any]]
@@ -642,6 +648,7 @@ class Api:
         self.nl = web.nl
         self.imports = ImportJobs(self.nl)
         self._executor: ThreadPoolExecutor | None = None
+        self._jobs: set[int] = set()  # the import jobs this process runs
 
     @cached_property
     def tokens(self) -> Tokens:
@@ -662,9 +669,10 @@ class Api:
         # One import at a time: SQLite has one writer, and a second import would only queue
         # behind the first one's transactions.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="import")
-        failed = self.imports.fail_unfinished("the server stopped before this import ran")
+        failed = self.imports.fail_unfinished(
+            "abandoned: the server running it stopped", older_than=ABANDONED_IMPORT)
         if failed:
-            log.warning("%d import job(s) left unfinished by a stopped server marked failed",
+            log.warning("%d import job(s) abandoned by a server that stopped marked failed",
                         failed)
 
     async def stop(self) -> None:
@@ -673,12 +681,14 @@ class Api:
             # queued ones are dropped and marked failed, so pollers are not left waiting.
             await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
             self._executor = None
-            self.imports.fail_unfinished("the server stopped before this import ran")
+            self.imports.fail_unfinished("the server stopped before this import ran",
+                                         ids=sorted(self._jobs))
 
     def run_import(self, job_id: int, *, encoding: str | None,
                    delimiter: str | None) -> None:
         if self._executor is None:
             raise RuntimeError("the API has not started (lifespan not run)")
+        self._jobs.add(job_id)
         self._executor.submit(self.imports.run, job_id, encoding=encoding, delimiter=delimiter)
 
     def list_out(self, slug: str, counts: dict[str, int] | None = None) -> ListOut:
