@@ -367,7 +367,7 @@ class Admin:
         from . import segments as seglang  # the parser is loaded only where filters are used
 
         flt = seglang.parse(text)
-        seglang.check_lists(flt, directory.slugs(self.engine))
+        seglang.check_lists(flt, directory.slugs(self.engine), text=text)
         return flt
 
     def save_segment(self, name: str, filter_text: str, description: str | None = None, *,

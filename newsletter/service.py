@@ -168,7 +168,7 @@ class Newsletter:
 
         texts = [directory.get_segment(self.store.engine, n).filter for n in dict.fromkeys(names)]
         text = texts[0] if len(texts) == 1 else " or ".join(f"({t})" for t in texts)
-        seglang.check_lists(seglang.parse(text), directory.slugs(self.store.engine))
+        seglang.check_lists(seglang.parse(text), directory.slugs(self.store.engine), text=text)
         return text
 
     def plan_send(self, path: Path, slugs: Sequence[str], *, again: bool = False,

@@ -224,3 +224,50 @@ def test_a_lists_zone_is_the_fallback_for_local_time_sends(tmp_path: Path) -> No
     releases = nl.store.release_by_zone(campaign.id, wall, "UTC", zoneinfo.ZoneInfo)
     assert releases == {dt.datetime(2030, 1, 1, 5, 0, tzinfo=dt.UTC): 1,
                         dt.datetime(2030, 1, 1, 6, 0, tzinfo=dt.UTC): 1}
+
+
+def test_send_to_a_segment_reaches_only_matches_and_names_the_real_list(
+        env: SmtpTestServer) -> None:
+    import email
+    import email.policy
+
+    from newsletter.store.sql import NewMember
+
+    nl = _nl()
+    digest, policy = nl.store.create_list("digest"), nl.store.create_list("policy")
+    nl.store.upsert_members(digest.id, [
+        NewMember("zh1@example.com", attributes={"lang": "zh", "sector": "telecom"}),
+        NewMember("zh2@example.com", attributes={"lang": "zh", "sector": "retail"}),
+        NewMember("en1@example.com", attributes={"lang": "en", "sector": "telecom"}),
+    ], source="test")
+    nl.store.upsert_members(policy.id, [
+        NewMember("zh3@example.com", attributes={"lang": "zh", "sector": "finance"}),
+        NewMember("zh1@example.com"),  # on both lists: gets one copy
+    ], source="test")
+    out = _run("segments", "create", "zh-industry",
+               'lang = "zh" and attributes.sector in ["telecom", "finance"]')
+    assert "2 active subscriber(s) match" in out
+    # An invalid filter names the position; an unknown list too.
+    bad = _run("segments", "create", "broken", 'lang = ', code=1)
+    assert "position 8" in bad
+    assert "unknown list" in _run("segments", "count", 'list = "nope"', code=1)
+    assert _run("segments", "count", 'lang = "zh"').strip() == "3"
+
+    _run("send", str(SAMPLE_MD), "--segment", "zh-industry", "--yes")
+    got = sorted(r for m in env.messages for r in m.rcpt_tos)
+    assert got == ["zh1@example.com", "zh3@example.com"]
+    # Each message's unsubscribe link leaves the list the match came through.
+    for raw in env.messages:
+        msg = email.message_from_bytes(raw.data, policy=email.policy.default)
+        token = str(msg["List-Unsubscribe"]).split("/unsubscribe/")[1].split(">")[0]
+        _sid, lid = nl.signer.read_unsubscribe_token(token)
+        assert nl.store.list_by_id(lid).slug == ("digest" if raw.rcpt_tos == [
+            "zh1@example.com"] else "policy")
+    campaign = nl.store.all_campaigns()[0]
+    assert campaign.segment_names == "zh-industry"
+    assert "segment    zh-industry" in _run("campaigns", "show", str(campaign.id))
+    # Restricted to a list: only the matches on it.
+    _run("send", str(SAMPLE_MD), "--segment", "zh-industry", "--list", "policy", "--yes",
+         "--again")
+    assert sorted(r for m in env.messages[2:] for r in m.rcpt_tos) == [
+        "zh1@example.com", "zh3@example.com"]

@@ -1054,16 +1054,14 @@ def _audience(list_ids: Sequence[int], *, issue_key: str | None,
                memberships.c.status == MembershipStatus.ACTIVE)
         .group_by(memberships.c.subscriber_id)
     )
+    # Suppressed addresses and domains are on no campaign's audience, whatever their
+    # list status.
+    query = query.join(subscribers, subscribers.c.id == memberships.c.subscriber_id) \
+        .where(~suppressed_clause(subscribers.c.email_key))
     if segment_filter:
         from .. import segments  # the parser loads only for segment sends
 
-        query = query.join(subscribers, subscribers.c.id == memberships.c.subscriber_id) \
-            .where(segments.compile_filter(segments.parse(segment_filter)))
-    # Suppressed addresses and domains are on no campaign's audience, whatever their
-    # list status.
-    query = query.where(~select(subscribers.c.id).where(
-        subscribers.c.id == memberships.c.subscriber_id,
-        suppressed_clause(subscribers.c.email_key)).exists())
+        query = query.where(segments.compile_filter(segments.parse(segment_filter)))
     if issue_key is not None:
         # Rows that were (or may have been) handed to a relay count even in a cancelled
         # campaign; only its never-attempted rows do not.
