@@ -37,6 +37,7 @@ from .content.parse import load_issue
 from .delivery.engine import runner_name
 from .errors import ConfigError, ConflictError
 from .store.schedules import Schedule, ScheduleStore
+from .store.schema import CampaignStatus
 
 if TYPE_CHECKING:
     from .service import Newsletter
@@ -350,6 +351,16 @@ class Scheduler:
             if schedule.kind == "once":
                 assert schedule.campaign_id is not None
                 campaign_id = schedule.campaign_id
+                status = self.nl.store.get_campaign(campaign_id).status
+                if status in (CampaignStatus.PAUSED, CampaignStatus.CANCELLED):
+                    # Newsletter.run resumes a paused campaign: a schedule firing must not
+                    # override an editor's pause (or a cancel). Resuming it sends it.
+                    self.store.set_status(schedule_id, "done")
+                    outcome = "skipped"
+                    note = (f"campaign {campaign_id} is {status.value}"
+                            + ("; newsletter campaigns resume sends it"
+                               if status == CampaignStatus.PAUSED else ""))
+                    return outcome
                 if schedule.local_time:
                     assert schedule.run_at is not None
                     wall = schedule.run_at.astimezone(zone(schedule.tz)).replace(tzinfo=None)

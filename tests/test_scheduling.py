@@ -392,3 +392,19 @@ def test_schedule_commands_from_the_cli(tmp_path: Path, smtpd: SmtpTestServer,
     assert bad.returncode != 0 and "--at" in bad.stderr
     assert cli("schedule", "cancel", "1").returncode == 0
     assert "cancelled" in cli("schedule", "ls").stdout
+
+
+def test_a_schedule_firing_does_not_override_an_editors_pause(
+    tmp_path: Path, smtpd: SmtpTestServer, issue: Path,
+) -> None:
+    nl = Newsletter(make_settings(tmp_path, smtp_url=smtpd.url))
+    add_subscribers(nl, "news", 3)
+    schedules = Schedules(nl)
+    sched = schedules.add_once(issue, ["news"], at=_soon(1.5), tz="UTC")
+    assert sched.campaign_id is not None
+    assert nl.store.pause_campaign(sched.campaign_id)
+    asyncio.run(_run_scheduler(nl, 15))
+    assert smtpd.messages == []
+    (run,) = schedules.store.runs(sched.id)
+    assert run.outcome == "skipped" and "paused" in run.note
+    assert nl.store.get_campaign(sched.campaign_id).status == "paused"
