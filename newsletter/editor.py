@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from apscheduler.triggers.date import DateTrigger
 from email_validator import EmailNotValidError
 from sqlalchemy import ColumnElement, Engine, insert, select, update
 
@@ -234,9 +233,7 @@ class Editor:
         first = at
         if local_time:
             slugs = [m.slug for m in self.nl.store.lists_by_id(c.list_ids).values()]
-            # Schedules.add_once does the same but also plans the send (from a file);
-            # here the campaign exists already, so its two steps are used directly.
-            first = self.schedules._first_release(slugs, at, tz)
+            first = self.schedules.first_release(slugs, at, tz)
         if first <= dt.datetime.now(dt.UTC):
             raise InvalidError("at", f"{first:%Y-%m-%d %H:%M %Z} is in the past")
         schedule = self._add(c, run_at=at, first=first, tz=tz, local_time=local_time)
@@ -301,6 +298,8 @@ class Editor:
                         ).values(status=CampaignStatus.SCHEDULED, status_note=None))
                     self.audit("campaign.resume", f"campaign {campaign_id}", schedule=s.id)
                     return self.schedules.store.get(s.id)
+        # The new schedule makes the campaign 'scheduled' again (a schedule firing for a
+        # paused campaign skips it), and its firing sends the rest.
         now = dt.datetime.now(dt.UTC)
         schedule = self._add(c, run_at=now, first=now, tz="UTC", local_time=False)
         self.audit("campaign.resume", f"campaign {campaign_id}", schedule=schedule.id)
@@ -334,11 +333,9 @@ class Editor:
              local_time: bool) -> Schedule:
         """A one-off schedule of an existing campaign and its job (first firing `first`)."""
         path = self.issue_path(c.id)
-        schedule = self.schedules.store.create(
-            kind="once", tz=tz, campaign_id=c.id, issue_path=str(path) if path else None,
-            run_at=run_at.astimezone(dt.UTC), local_time=local_time)
-        self.schedules._add_job(schedule, DateTrigger(run_date=first))
-        return schedule
+        return self.schedules.add_campaign(c.id, run_at=run_at, first=first, tz=tz,
+                                           local_time=local_time,
+                                           issue_path=str(path) if path else None)
 
     # --- schedules -------------------------------------------------------------------------
 

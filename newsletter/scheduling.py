@@ -114,20 +114,28 @@ class Schedules:
         attribute, else `tz`); the first firing is at the earliest of those zones, and each
         firing schedules the next zone's release.
         """
-        first = self._first_release(slugs, at, tz) if local_time else at
+        first = self.first_release(slugs, at, tz) if local_time else at
         if first <= dt.datetime.now(dt.UTC):
             raise ConflictError(f"{first:%Y-%m-%d %H:%M %Z} is in the past")
         plan = self.nl.plan_send(path, slugs)
         if not plan.new:
             raise ConflictError(f"issue is already in campaign {plan.campaign.id}; "
                                 "schedule another issue or resume that campaign")
-        schedule = self.store.create(kind="once", tz=tz, campaign_id=plan.campaign.id,
-                                     issue_path=str(path), run_at=at.astimezone(dt.UTC),
+        return self.add_campaign(plan.campaign.id, run_at=at, first=first, tz=tz,
+                                 local_time=local_time, issue_path=str(path))
+
+    def add_campaign(self, campaign_id: int, *, run_at: dt.datetime, first: dt.datetime,
+                     tz: str, local_time: bool = False, issue_path: str | None = None) \
+            -> Schedule:
+        """A one-off schedule of a campaign that exists already (the API creates campaigns
+        from uploaded issues), first firing at `first`."""
+        schedule = self.store.create(kind="once", tz=tz, campaign_id=campaign_id,
+                                     issue_path=issue_path, run_at=run_at.astimezone(dt.UTC),
                                      local_time=local_time)
         self._add_job(schedule, DateTrigger(run_date=first))
         return schedule
 
-    def _first_release(self, slugs: list[str], at: dt.datetime, tz: str) -> dt.datetime:
+    def first_release(self, slugs: list[str], at: dt.datetime, tz: str) -> dt.datetime:
         """The earliest wall-clock `at` among the zones of the lists' subscribers now."""
         wall = at.replace(tzinfo=None)
         names = {tz}
