@@ -274,33 +274,62 @@ def subs_import(
     file: Annotated[Path, typer.Argument(help="CSV with a header row; 'email' is required.")],
     list_slug: ListOpt,
     encoding: Annotated[str | None, typer.Option(
-        help="Text encoding (default UTF-8, with or without BOM).")] = None,
+        help="Text encoding, e.g. gb18030 or cp1252 (default: detected: UTF-8 with or "
+             "without BOM, UTF-16 with BOM, GB18030/GBK).")] = None,
+    delimiter: Annotated[str | None, typer.Option(
+        help="Field separator: ',', ';' or 'tab' (default: sniffed from the file).")] = None,
     report: Annotated[Path | None, typer.Option(
-        help="Write every rejected row (line, email, reason) to this CSV file.")] = None,
+        help="Write every rejected row (line, email, reason) to this CSV file (default: "
+             "FILE.rejected.csv next to the input, when a row is rejected).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show what the import would do, with the same counts and report; "
+                          "write nothing to the database.")] = False,
 ) -> None:
-    """Import subscribers from CSV: other columns become attributes; bad rows are reported."""
+    """Import subscribers from CSV: other columns become attributes; bad rows are reported.
+
+    Duplicates in the file, suppressed addresses and addresses that unsubscribed from or
+    bounced on the list before are skipped (never reactivated); existing subscribers keep
+    their status and get the file's name and attributes merged in.
+    """
     store = _state.app.store
     mlist = store.get_list(list_slug)
-    with _row_counter() as bar:
-        task = bar.add_task("importing", total=None)
-        result = import_csv(store, mlist.id, file, encoding=encoding,
-                            on_progress=lambda n: bar.update(task, completed=n))
-    _print_import(result, report)
+    sep = {"tab": "\t", "\\t": "\t"}.get(delimiter, delimiter) if delimiter else None
+    report_path = report or file.with_suffix(".rejected.csv")
+    size = file.stat().st_size if file.is_file() else None
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[rows]:,} rows"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=out, transient=True) as bar:
+        task = bar.add_task("checking" if dry_run else "importing", total=size or None, rows=0)
+        result = import_csv(store, mlist.id, file, encoding=encoding, delimiter=sep,
+                            dry_run=dry_run, report_path=report_path,
+                            on_progress=lambda n: bar.update(task, rows=n),
+                            on_bytes=lambda n: bar.update(task, completed=n))
+    if report is None and not result.skipped:
+        report_path.unlink(missing_ok=True)  # nothing rejected: no report file to look at
+    _print_import(result, report_path if result.skipped or report else None)
 
 
 def _print_import(result: ImportReport, report: Path | None) -> None:
     for rej in result.rejected[:50]:
-        err.print(f"line {rej.line}: {rej.reason}" + (f" ({rej.email})" if rej.email else ""))
-    if len(result.rejected) > 50:
-        err.print(f"... and {len(result.rejected) - 50} more"
-                  + ("" if report else " (use --report FILE to see them all)"))
+        err.print(f"line {rej.line}: {rej.reason}" + (f" ({rej.email})" if rej.email else ""),
+                  markup=False)
+    if result.skipped > 50:
+        err.print(f"... and {result.skipped - 50:,} more")
     if report is not None:
-        with report.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["line", "email", "reason"])
-            for rej in result.rejected:
-                writer.writerow([rej.line, rej.email, rej.reason])
-    out.print(result.summary())
+        err.print(f"rejected rows (line, email, reason): {report}", markup=False)
+    out.print(result.summary(), markup=False)
+    labels = {"invalid": "invalid", "duplicate": "duplicates in the file",
+              "suppressed": "suppressed", "opted_out": "unsubscribed or bounced before"}
+    details = [f"{result.skipped_by[k]:,} {label}" for k, label in labels.items()
+               if result.skipped_by.get(k)]
+    if result.unchanged:
+        details.append(f"{result.unchanged:,} updated with nothing to change")
+    if result.pending:
+        details.append(f"{result.pending:,} still pending confirmation (kept pending)")
+    if details:
+        out.print("  " + "; ".join(details), markup=False)
+    if result.dry_run:
+        out.print("dry run: nothing was written to the database")
 
 
 @subs_app.command("ls")
@@ -332,6 +361,46 @@ def subs_ls(
         for m in members:
             table.add_row(m.email, m.name, m.status.value, f"{m.created_at:%Y-%m-%d}")
         out.print(table)
+
+
+@subs_app.command("export")
+def subs_export(
+    list_slug: ListOpt,
+    status: Annotated[MembershipStatus | None, typer.Option(
+        help="Only members with this status (default: active).")] = None,
+    all_statuses: Annotated[bool, typer.Option(
+        "--all", help="Members of every status: active, pending, unsubscribed, bounced.")]
+    = False,
+    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl (JSON Lines).")] = "csv",
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", help="Write to this file (default: standard output).")] = None,
+    # Segments: a `--segment NAME` option goes here; its compiled filter is passed on as
+    # export_members(where=...), a condition over the memberships and subscribers tables.
+) -> None:
+    """Export a list's members (email, name, status, list, joined, attributes), streamed."""
+    from .store.imports import export_members
+
+    if status is not None and all_statuses:
+        raise NewsletterError("--status and --all exclude each other")
+    if fmt not in ("csv", "jsonl"):
+        raise NewsletterError(f"--format must be csv or jsonl, not {fmt!r}")
+    nl = _state.app
+    mlist = nl.store.get_list(list_slug)
+    wanted = None if all_statuses else (status or MembershipStatus.ACTIVE).value
+    where = None
+    with contextlib.ExitStack() as stack:
+        if out_file is None:
+            target: Any = sys.stdout
+        else:
+            try:
+                target = stack.enter_context(out_file.open("w", newline="", encoding="utf-8"))
+            except OSError as exc:
+                raise NewsletterError(f"cannot write {out_file}: {exc.strerror}") from None
+        n = export_members(nl.store.engine, target, list_id=mlist.id, status=wanted,
+                           where=where, fmt="csv" if fmt == "csv" else "jsonl")
+        target.flush()  # the data before the count on a terminal that shows both
+    err.print(f"exported {n:,} members of {list_slug}" + (f" to {out_file}" if out_file else ""),
+              markup=False)
 
 
 @subs_app.command("unsubscribe")
