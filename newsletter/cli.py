@@ -365,7 +365,10 @@ def subs_ls(
 
 @subs_app.command("export")
 def subs_export(
-    list_slug: ListOpt,
+    list_slug: Annotated[str | None, typer.Option(
+        "--list", "-l", help="The list (default with --segment: every list).")] = None,
+    segment: Annotated[str | None, typer.Option(
+        "--segment", "-s", help="Only members matching this segment.")] = None,
     status: Annotated[MembershipStatus | None, typer.Option(
         help="Only members with this status (default: active).")] = None,
     all_statuses: Annotated[bool, typer.Option(
@@ -374,10 +377,9 @@ def subs_export(
     fmt: Annotated[str, typer.Option("--format", help="csv or jsonl (JSON Lines).")] = "csv",
     out_file: Annotated[Path | None, typer.Option(
         "--out", help="Write to this file (default: standard output).")] = None,
-    # Segments: a `--segment NAME` option goes here; its compiled filter is passed on as
-    # export_members(where=...), a condition over the memberships and subscribers tables.
 ) -> None:
-    """Export a list's members (email, name, status, list, joined, attributes), streamed."""
+    """Export a list's or a segment's members (email, name, status, list, joined,
+    attributes), streamed; one row per membership."""
     from .store.imports import export_members
 
     if status is not None and all_statuses:
@@ -385,9 +387,15 @@ def subs_export(
     if fmt not in ("csv", "jsonl"):
         raise NewsletterError(f"--format must be csv or jsonl, not {fmt!r}")
     nl = _state.app
-    mlist = nl.store.get_list(list_slug)
+    if list_slug is None and segment is None:
+        raise NewsletterError("name a --list or a --segment to export")
+    list_id = nl.store.get_list(list_slug).id if list_slug else None
     wanted = None if all_statuses else (status or MembershipStatus.ACTIVE).value
     where = None
+    if segment is not None:
+        from . import segments as seglang
+
+        where = seglang.compile_filter(seglang.parse(nl.segment_filter([segment]) or ""))
     with contextlib.ExitStack() as stack:
         if out_file is None:
             target: Any = sys.stdout
@@ -396,10 +404,12 @@ def subs_export(
                 target = stack.enter_context(out_file.open("w", newline="", encoding="utf-8"))
             except OSError as exc:
                 raise NewsletterError(f"cannot write {out_file}: {exc.strerror}") from None
-        n = export_members(nl.store.engine, target, list_id=mlist.id, status=wanted,
+        n = export_members(nl.store.engine, target, list_id=list_id, status=wanted,
                            where=where, fmt="csv" if fmt == "csv" else "jsonl")
         target.flush()  # the data before the count on a terminal that shows both
-    err.print(f"exported {n:,} members of {list_slug}" + (f" to {out_file}" if out_file else ""),
+    what = " ".join(x for x in (f"segment {segment}" if segment else "",
+                                 f"list {list_slug}" if list_slug else "") if x)
+    err.print(f"exported {n:,} memberships of {what}" + (f" to {out_file}" if out_file else ""),
               markup=False)
 
 
@@ -956,12 +966,6 @@ def _progress() -> Progress:
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=out,
     )
-
-
-def _row_counter() -> Progress:
-    """Rows read so far, for imports whose length is not known in advance."""
-    return Progress(TextColumn("{task.description}"), TextColumn("{task.completed:,} rows"),
-                    TimeElapsedColumn(), console=out, transient=True)
 
 
 # --- demo -------------------------------------------------------------------------------------

@@ -271,3 +271,23 @@ def test_send_to_a_segment_reaches_only_matches_and_names_the_real_list(
          "--again")
     assert sorted(r for m in env.messages[2:] for r in m.rcpt_tos) == [
         "zh1@example.com", "zh3@example.com"]
+
+
+def test_export_a_segment(env: SmtpTestServer, tmp_path: Path) -> None:
+    from newsletter.store.sql import NewMember
+
+    nl = _nl()
+    a, b = nl.store.create_list("a"), nl.store.create_list("b")
+    nl.store.upsert_members(a.id, [NewMember("zh@example.com", attributes={"lang": "zh"}),
+                                   NewMember("en@example.com", attributes={"lang": "en"})],
+                            source="test")
+    nl.store.upsert_members(b.id, [NewMember("zh@example.com")], source="test")
+    _run("segments", "create", "zh", 'lang = "zh"')
+    dest = tmp_path / "zh.jsonl"
+    _run("subscribers", "export", "--segment", "zh", "--format", "jsonl", "--out", str(dest))
+    rows = [json.loads(line) for line in dest.read_text(encoding="utf-8").splitlines()]
+    assert [(r["email"], r["list"]) for r in rows] == [("zh@example.com", "a"),
+                                                       ("zh@example.com", "b")]
+    _run("subscribers", "export", "--segment", "zh", "--list", "b", "--out", str(dest))
+    assert dest.read_text(encoding="utf-8").count("zh@example.com") == 1
+    assert "name a --list or a --segment" in _run("subscribers", "export", code=1)

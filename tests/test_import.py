@@ -860,7 +860,7 @@ def test_cli_import_dry_run_report_and_export(cli_env: CliRunner, tmp_path: Path
     target = tmp_path / "all.jsonl"
     out = _cli(cli_env, "subscribers", "export", "--list", "digest", "--all", "--format",
                "jsonl", "--out", str(target))
-    assert f"exported 3 members of digest to {target}" in out
+    assert f"exported 3 memberships of list digest to {target}" in out
     rows = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
     assert [(r["email"], r["status"]) for r in rows] == [
         ("ana@example.com", "active"), ("ben@example.com", "unsubscribed"),
