@@ -28,7 +28,14 @@ from .delivery.relay import SmtpRelayClient
 from .errors import ConflictError, NotFoundError
 from .headers import format_address
 from .render.issue import RenderedIssue, fill_slots, render_issue
-from .render.message import ListInfo, PreparedMessage, Recipient, undot
+from .render.message import (
+    Editions,
+    ListInfo,
+    MessageSource,
+    PreparedMessage,
+    Recipient,
+    undot,
+)
 from .render.templates import make_environment
 from .render.tokens import TokenError, TokenSigner
 from .settings import Settings
@@ -108,19 +115,23 @@ class Newsletter:
         label = f"{mlist.slug}.{self.settings.list_domain}"
         return ListInfo(name=mlist.name, list_id_header=format_address(mlist.name, label))
 
-    def archive_url(self, mlist: MailingList, issue: Issue | None = None) -> str:
-        """The list's web archive, or one issue's page in it. A private list's URL ends in
+    def archive_url(self, mlist: MailingList, issue: Issue | None = None, *,
+                    edition: bool = False) -> str:
+        """The list's web archive, or one issue's page in it (with `edition`, that
+        language's page: /archive/SLUG/NUMBER/LANG). A private list's URL ends in
         '?t=' for the reader's token (PreparedMessage appends it per recipient)."""
         url = f"{self.settings.base_url}/archive/{mlist.slug}/"
         if issue is not None:
             url += archive_path(issue)
+            if edition and issue.language.lower() != mlist.language.lower():
+                url += f"/{issue.language.lower()}"
             if not mlist.public:
                 url += "?t="
         return url
 
     def prepare(self, rendered: RenderedIssue, lists: Sequence[MailingList], *,
                 campaign_id: int = 0, subject_prefix: str = "",
-                issue: Issue | None = None,
+                issue: Issue | None = None, edition: bool = False,
                 sender: tuple[str, str] | None = None) -> PreparedMessage:
         """The message, ready to build per recipient; with `issue`, its "view in browser"
         links point at the issue's archive page on each list."""
@@ -132,7 +143,8 @@ class Newsletter:
             lists={m.id: self.list_info(m) for m in lists},
             message_id_domain=s.sender_domain, campaign_id=campaign_id,
             subject_prefix=subject_prefix,
-            web_urls={m.id: self.archive_url(m, issue) for m in lists} if issue else None,
+            web_urls={m.id: self.archive_url(m, issue, edition=edition) for m in lists}
+            if issue else None,
             web_token=self.signer.archive_token,
         )
 
@@ -218,7 +230,15 @@ class Newsletter:
                     + f"; resume it with: newsletter campaigns resume {campaign.id}")
             if not again:
                 return self._resume_plan(issue, campaign, counts, mlists)
-        rendered = self.render(issue)
+        editions = issue.editions()  # this issue's language first
+        main = next(iter(editions.values()))
+        rendered = self.render(main)
+        others = []
+        for lang, edition in list(editions.items())[1:]:
+            r = self.render(edition)
+            others.append({"language": lang, "subject": r.subject,
+                           "issue_json": edition.model_dump_json(), "html": r.html,
+                           "text": r.text})
         due = self.store.audience_count(list_ids, issue_key=None if again else issue.key,
                                         segment_filter=segment_filter)
         reach = self.store.audience_count(list_ids, segment_filter=segment_filter)
@@ -227,10 +247,13 @@ class Newsletter:
                          "due it) from another send and are left out")
         campaign = self.store.create_campaign(
             issue_key=issue.key, content_hash=issue.content_hash(), subject=rendered.subject,
-            issue_json=issue.model_dump_json(), html=rendered.html, text=rendered.text,
+            issue_json=main.model_dump_json(), html=rendered.html, text=rendered.text,
             list_ids=list_ids, resend=again, segment_filter=segment_filter,
-            segment_names=", ".join(dict.fromkeys(segments)) or None,
+            segment_names=", ".join(dict.fromkeys(segments)) or None, editions=others,
         )
+        if others:
+            notes.append("editions: " + ", ".join(editions) + " (each subscriber gets its "
+                         "lang's, else its list's language, else " + main.language + ")")
         return SendPlan(campaign, mlists, new=True, due=due, notes=notes)
 
     def _resume_plan(self, issue: Issue, campaign: Campaign, counts: DeliveryCounts,
@@ -311,9 +334,22 @@ class Newsletter:
         c = plan.campaign
         issue = Issue.model_validate_json(c.issue_json)
         rendered = RenderedIssue(c.subject, c.html, c.text, issue.language)
-        message = self.prepare(rendered, plan.lists, campaign_id=c.id, issue=issue)
+        message: MessageSource = self.prepare(rendered, plan.lists, campaign_id=c.id,
+                                              issue=issue)
+        editions = self.store.campaign_editions(c.id)
+        if editions:
+            others = {}
+            for lang, e in editions.items():
+                e_issue = Issue.model_validate_json(e["issue_json"])
+                others[lang] = self.prepare(
+                    RenderedIssue(e["subject"], e["html"], e["text"], lang), plan.lists,
+                    campaign_id=c.id, issue=e_issue, edition=True)
+            message = Editions(self.prepare(rendered, plan.lists, campaign_id=c.id,
+                                            issue=issue, edition=True), others)
         # The web version exists before the first mail that links to it goes out.
-        self.store.publish(c, number=issue.number, language=issue.language)
+        self.store.publish(c, number=issue.number, language=issue.language.lower(),
+                           editions=[(lang, e["subject"], e["issue_json"])
+                                     for lang, e in editions.items()])
         self.store.unpause_campaign(c.id)
         relays = [] if force_capture else self.relay_plans()
         capture = None

@@ -58,6 +58,27 @@ class Section(BaseModel):
         return slugify(self.title) or "section"
 
 
+LANGUAGE_PATTERN = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
+
+
+class Translation(BaseModel):
+    """Another language's edition of an issue: its own title, subject and sections; the
+    date, number and identity are the issue's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    title: HeaderText
+    subject: HeaderText | None = None
+    preheader: str = ""
+    source: str | None = None
+    sections: list[Section] = Field(min_length=1)
+
+    @field_validator("preheader")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        return " ".join(value.split())
+
+
 class Issue(BaseModel):
     """One issue of a digest, validated; the unit that is rendered once and sent."""
 
@@ -68,15 +89,41 @@ class Issue(BaseModel):
     date: dt.date
     number: int | None = Field(default=None, ge=0)
     preheader: str = ""
-    language: str = Field(default="en", pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+    language: str = Field(default="en", pattern=LANGUAGE_PATTERN)
     source: str | None = None
     slug: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=120)
     sections: list[Section] = Field(min_length=1)
+    # Other languages' editions, by language code: a subscriber's `lang` picks one, the
+    # list's language is the fallback, and this issue's own language the last resort.
+    translations: dict[str, Translation] = Field(default_factory=dict)
 
     @field_validator("preheader")
     @classmethod
     def _one_line(cls, value: str) -> str:
         return " ".join(value.split())
+
+    @field_validator("translations")
+    @classmethod
+    def _languages(cls, value: dict[str, Translation]) -> dict[str, Translation]:
+        for lang in value:
+            if not re.match(LANGUAGE_PATTERN, lang):
+                raise ValueError(f"{lang!r} is not a language code (en, zh, pt-BR, ...)")
+        return {lang.lower(): t for lang, t in value.items()}
+
+    def editions(self) -> dict[str, Issue]:
+        """Every edition as a whole Issue, this one's language first. They share the issue's
+        key (through the slug), date and number, so they are one issue to the archive and
+        to resend protection."""
+        primary = self.model_copy(update={"translations": {}})
+        out = {self.language.lower(): primary}
+        for lang, t in self.translations.items():
+            if lang in out:
+                continue
+            out[lang] = Issue(
+                title=t.title, subject=t.subject, date=self.date, number=self.number,
+                preheader=t.preheader, language=lang, source=t.source or self.source,
+                slug=self.key, sections=t.sections)
+        return out
 
     @property
     def effective_subject(self) -> str:

@@ -5,6 +5,7 @@ Every failure is a ContentError naming the file, the line where it is known, and
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from markdown_it.token import Token
 from pydantic import ValidationError
 
 from ..errors import ContentError
-from .model import Issue
+from .model import Issue, Translation
 
 # Lines at the top of an article's last paragraph that give its source.
 _SOURCE_PREFIX = re.compile(r"^(?:Source|Sources|来源|資料來源|出处)\s*[:：]\s*", re.IGNORECASE)
@@ -36,9 +37,53 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
+# issue.en.md, issue.zh.md: one issue's editions in sibling files named NAME.LANG.SUFFIX.
+_EDITION_FILE = re.compile(r"^(?P<base>.+)\.(?P<lang>[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*)$")
+
+
 def load_issue(path: str | Path) -> Issue:
-    """Parse and validate the issue file at `path`; the format follows the file's suffix."""
+    """Parse and validate the issue file at `path`; the format follows the file's suffix.
+
+    A file named NAME.LANG.SUFFIX (issue.en.md) is one edition: its siblings
+    NAME.OTHER.SUFFIX (issue.zh.md) become the issue's translations, checked to be the
+    same issue (date and number)."""
     path = Path(path)
+    issue = _load_one(path)
+    m = _EDITION_FILE.match(path.stem)
+    if m is None:
+        return issue
+    lang = m["lang"].lower()
+    data = issue.model_dump(exclude_defaults=True)
+    if "language" not in data:
+        issue = issue.model_copy(update={"language": lang})
+    elif issue.language.lower() != lang:
+        raise ContentError(f"the file name says {lang!r} but language is "
+                           f"{issue.language!r}", path=str(path), field="language")
+    translations = dict(issue.translations)
+    keys = {lang: issue.key}
+    for sibling in sorted(path.parent.glob(f"{glob.escape(m['base'])}.*{path.suffix}")):
+        other = _EDITION_FILE.match(sibling.stem)
+        if sibling == path or other is None or other["base"] != m["base"]:
+            continue
+        edition = _load_one(sibling)
+        other_lang = other["lang"].lower()
+        for field in ("date", "number"):
+            if getattr(edition, field) != getattr(issue, field):
+                raise ContentError(f"{field} differs from {path.name}'s "
+                                   f"({getattr(issue, field)}); editions are one issue",
+                                   path=str(sibling), field=field)
+        translations[other_lang] = Translation(
+            title=edition.title, subject=edition.subject, preheader=edition.preheader,
+            source=edition.source, sections=edition.sections)
+        keys[other_lang] = edition.key
+    update: dict[str, Any] = {"translations": translations}
+    if issue.slug is None and len(keys) > 1:
+        # The same issue whichever edition's file is named on the command line.
+        update["slug"] = keys[min(keys)]
+    return issue.model_copy(update=update)
+
+
+def _load_one(path: Path) -> Issue:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:

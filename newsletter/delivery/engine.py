@@ -38,7 +38,7 @@ from ..errors import (
     RelayError,
     UnknownOutcomeError,
 )
-from ..render.message import PreparedMessage
+from ..render.message import MessageSource
 from ..store.base import DeliveryStore, Due, Mark, RunStart
 from ..store.schema import CampaignStatus, DeliveryStatus
 from .relay import Connection, Relay
@@ -325,7 +325,7 @@ class Engine:
         self.poll = poll
         self.runner = runner_name()
 
-    async def run(self, campaign_id: int, message: PreparedMessage, *, sender: str,
+    async def run(self, campaign_id: int, message: MessageSource, *, sender: str,
                   takeover: bool = False, retry_now: bool = False) -> RunReport:
         """Send to everyone due; returns when all are done, a retry is too far off, or the
         run had to stop (paused, cancelled, every relay failing)."""
@@ -560,7 +560,7 @@ class Engine:
         notes[slot.plan.name] = f"{reason}; taken out for {pause_for:g}s"
 
     async def _deliver(
-        self, conn: Connection | None, slot: _Slot, due: Due, message: PreparedMessage,
+        self, conn: Connection | None, slot: _Slot, due: Due, message: MessageSource,
         sender: str, ledger: _Ledger, progress: Progress, report: RunReport,
     ) -> Connection | None:
         """Send one message whose row is marked 'sending'; record its outcome."""

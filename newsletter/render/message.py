@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import quoprimime
 from email.utils import format_datetime
+from typing import Protocol
 
 from ..headers import check_header_text, encode_text, format_address
 from .issue import SLOT_RE, SLOTS, RenderedIssue
@@ -37,6 +38,7 @@ class Recipient:
     list_id: int
     email: str
     name: str = ""
+    edition: str | None = None  # the language edition it gets (None: the main one)
 
 
 @dataclass(frozen=True)
@@ -242,3 +244,23 @@ class PreparedMessage:
 def undot(data: bytes) -> bytes:
     """Reverse SMTP dot-stuffing: what a receiving server stores from what we transmit."""
     return re.sub(rb"(?m)^\.\.", b".", data)
+
+
+class MessageSource(Protocol):
+    """What the delivery engine sends: bytes per recipient."""
+
+    def build(self, recipient: Recipient) -> bytes: ...
+
+
+class Editions:
+    """A bilingual campaign's messages: each recipient gets its edition (Recipient.edition,
+    fixed in the ledger when the audience was), the main one otherwise."""
+
+    def __init__(self, main: PreparedMessage, others: dict[str, PreparedMessage]) -> None:
+        self.main = main
+        self.others = others
+
+    def build(self, recipient: Recipient) -> bytes:
+        edition = recipient.edition
+        message = self.others.get(edition, self.main) if edition else self.main
+        return message.build(recipient)

@@ -164,6 +164,19 @@ campaigns = Table(
     Index(None, "issue_key"),
 )
 
+# The other-language editions of a campaign (the main one is in `campaigns`), rendered
+# once each when the campaign is created.
+campaign_editions = Table(
+    "campaign_editions", metadata,
+    Column("campaign_id", Integer, ForeignKey("campaigns.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("language", String(16), primary_key=True),
+    Column("subject", Text, nullable=False),
+    Column("issue_json", Text, nullable=False),
+    Column("html", Text, nullable=False),
+    Column("text", Text, nullable=False),
+)
+
 campaign_lists = Table(
     "campaign_lists", metadata,
     Column("campaign_id", Integer, ForeignKey("campaigns.id", ondelete="CASCADE"),
@@ -187,6 +200,8 @@ deliveries = Table(
     Column("first_attempt_at", TZ, nullable=True),
     Column("next_attempt_at", TZ, nullable=True),   # for failed_temp: when it is due again
     Column("relay", String(64), nullable=True),     # the relay of the last attempt
+    # Which edition (language) of a bilingual campaign this recipient gets; None: the main.
+    Column("edition", String(16), nullable=True),
     UniqueConstraint("campaign_id", "subscriber_id"),
     # Batches walk a campaign's due rows in id order; counts group by status.
     Index(None, "campaign_id", "status", "id"),
@@ -208,7 +223,8 @@ archive = Table(
     Column("issue_json", Text, nullable=False),
     Column("published_at", TZ, nullable=False),
     Column("views", Integer, nullable=False, default=0, server_default="0"),
-    UniqueConstraint("list_id", "issue_key"),
+    # One row per edition: a bilingual issue has an entry per language on each list.
+    UniqueConstraint("list_id", "issue_key", "language"),
     Index(None, "list_id", "published_at"),
 )
 

@@ -54,6 +54,7 @@ from .schema import (
     MembershipStatus,
     SuppressionKind,
     archive,
+    campaign_editions,
     campaign_lists,
     campaigns,
     deliveries,
@@ -462,55 +463,86 @@ class SqlStore:
 
     # --- the web archive ---------------------------------------------------------------------
 
-    def publish(self, campaign: Campaign, *, number: int | None, language: str) -> None:
-        """Put a campaign's issue in the archive of each of its lists (once per list)."""
+    def publish(self, campaign: Campaign, *, number: int | None, language: str,
+                editions: Sequence[tuple[str, str, str]] = ()) -> None:
+        """Put a campaign's issue in the archive of each of its lists (once per list and
+        edition). `editions`: the other languages' (language, subject, issue_json)."""
         now = utcnow()
+        all_editions = [(language, campaign.subject, campaign.issue_json), *editions]
         with self.engine.begin() as conn:
-            have = set(conn.execute(select(archive.c.list_id).where(
+            have = set(conn.execute(select(archive.c.list_id, archive.c.language).where(
                 archive.c.issue_key == campaign.issue_key,
-                archive.c.list_id.in_(campaign.list_ids))).scalars())
+                archive.c.list_id.in_(campaign.list_ids))).all())
             rows = [{"list_id": lid, "campaign_id": campaign.id, "issue_key": campaign.issue_key,
-                     "number": number, "subject": campaign.subject, "language": language,
-                     "issue_json": campaign.issue_json, "published_at": now}
-                    for lid in campaign.list_ids if lid not in have]
+                     "number": number, "subject": subject, "language": lang,
+                     "issue_json": issue_json, "published_at": now}
+                    for lid in campaign.list_ids for lang, subject, issue_json in all_editions
+                    if (lid, lang) not in have]
             if rows:
                 conn.execute(insert(archive), rows)
 
-    def archive_entries(self, list_id: int, *, limit: int = 500) -> list[ArchiveEntry]:
-        """A list's archive, newest first."""
+    def archive_entries(self, list_id: int, *, limit: int = 500,
+                        language: str | None = None) -> list[ArchiveEntry]:
+        """A list's archive, newest first: one entry per issue, in `language` where that
+        edition exists, else its first edition."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(archive).where(archive.c.list_id == list_id)
                                 .order_by(archive.c.published_at.desc(), archive.c.id.desc())
-                                .limit(limit)).all()
+                                .limit(limit * 4)).all()
+        chosen: dict[str, Row[Any]] = {}
+        for r in rows:
+            best = chosen.get(r.issue_key)
+            if best is None or r.language == language or (
+                    best.language != language and r.id < best.id):
+                chosen[r.issue_key] = r
+        ordered = sorted(chosen.values(), key=lambda r: (r.published_at, r.id), reverse=True)
+        return [_archive_entry(r) for r in ordered[:limit]]
+
+    def archive_editions(self, list_id: int, issue_key: str) -> list[ArchiveEntry]:
+        """Every edition of one issue in a list's archive, first published first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(archive).where(
+                archive.c.list_id == list_id, archive.c.issue_key == issue_key)
+                .order_by(archive.c.id)).all()
         return [_archive_entry(r) for r in rows]
 
-    def archive_entry(self, list_id: int, path: str, *, count_view: bool = False) \
+    def archive_entry(self, list_id: int, path: str, *, count_view: bool = False,
+                      language: str | None = None) \
             -> tuple[ArchiveEntry, ArchiveEntry | None, ArchiveEntry | None]:
-        """The entry at an archive path (number or key) with its previous and next entries."""
+        """The entry at an archive path (number or key), in `language` if that edition
+        exists (else the first edition), with the previous and next issues."""
         with self.engine.begin() as conn:
-            row = None
+            found: list[Row[Any]] = []
             if path.isdigit() and len(path) < 10:
-                row = conn.execute(select(archive).where(
+                newest = conn.execute(select(archive.c.issue_key).where(
                     archive.c.list_id == list_id, archive.c.number == int(path),
-                ).order_by(archive.c.id.desc())).first()
-            if row is None:  # not a number, or an issue whose key is all digits
-                row = conn.execute(select(archive).where(
-                    archive.c.list_id == list_id, archive.c.issue_key == path)).first()
-            if row is None:
+                ).order_by(archive.c.id.desc()).limit(1)).scalar()
+                if newest is not None:
+                    found = list(conn.execute(select(archive).where(
+                        archive.c.list_id == list_id, archive.c.issue_key == newest)
+                        .order_by(archive.c.id)).all())
+            if not found:  # not a number, or an issue whose key is all digits
+                found = list(conn.execute(select(archive).where(
+                    archive.c.list_id == list_id, archive.c.issue_key == path)
+                    .order_by(archive.c.id)).all())
+            if not found:
                 raise NotFoundError(f"no issue {path!r} in this archive")
+            row = next((r for r in found if r.language == language), found[0])
             if count_view:
                 conn.execute(update(archive).where(archive.c.id == row.id)
                              .values(views=archive.c.views + 1))
+            # Neighbours are other issues, not other editions of this one.
+            first, last = found[0], found[-1]
             order = (archive.c.published_at, archive.c.id)
             older = conn.execute(select(archive).where(
-                archive.c.list_id == list_id,
-                (archive.c.published_at < row.published_at)
-                | ((archive.c.published_at == row.published_at) & (archive.c.id < row.id)),
+                archive.c.list_id == list_id, archive.c.issue_key != row.issue_key,
+                (archive.c.published_at < first.published_at)
+                | ((archive.c.published_at == first.published_at) & (archive.c.id < first.id)),
             ).order_by(order[0].desc(), order[1].desc()).limit(1)).first()
             newer = conn.execute(select(archive).where(
-                archive.c.list_id == list_id,
-                (archive.c.published_at > row.published_at)
-                | ((archive.c.published_at == row.published_at) & (archive.c.id > row.id)),
+                archive.c.list_id == list_id, archive.c.issue_key != row.issue_key,
+                (archive.c.published_at > last.published_at)
+                | ((archive.c.published_at == last.published_at) & (archive.c.id > last.id)),
             ).order_by(*order).limit(1)).first()
         entry = _archive_entry(row)
         if count_view:
@@ -523,7 +555,10 @@ class SqlStore:
     def create_campaign(self, *, issue_key: str, content_hash: str, subject: str,
                         issue_json: str, html: str, text: str, list_ids: Sequence[int],
                         resend: bool = False, segment_filter: str | None = None,
-                        segment_names: str | None = None) -> Campaign:
+                        segment_names: str | None = None,
+                        editions: Sequence[dict[str, str]] = ()) -> Campaign:
+        """A draft campaign; `editions` are the other languages' rendered editions
+        (language, subject, issue_json, html, text)."""
         with self.engine.begin() as conn:
             key = conn.execute(insert(campaigns).values(
                 issue_key=issue_key, content_hash=content_hash, subject=subject,
@@ -535,7 +570,19 @@ class SqlStore:
             cid = int(key[0])
             conn.execute(insert(campaign_lists),
                          [{"campaign_id": cid, "list_id": lid} for lid in list_ids])
+            if editions:
+                conn.execute(insert(campaign_editions),
+                             [{"campaign_id": cid, **e} for e in editions])
         return self.get_campaign(cid)
+
+    def campaign_editions(self, campaign_id: int) -> dict[str, dict[str, str]]:
+        """The other-language editions of a campaign: language -> subject, issue_json,
+        html, text."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(campaign_editions).where(
+                campaign_editions.c.campaign_id == campaign_id)).all()
+        return {r.language: {"subject": r.subject, "issue_json": r.issue_json,
+                             "html": r.html, "text": r.text} for r in rows}
 
     def campaigns_due(self, *, stale_after: float = 90.0) -> list[int]:
         """Campaigns nobody is sending whose retries are due now: what the scheduler picks
@@ -684,7 +731,8 @@ class SqlStore:
         query = (
             select(deliveries.c.id, deliveries.c.subscriber_id, deliveries.c.list_id,
                    deliveries.c.attempts, deliveries.c.first_attempt_at,
-                   subscribers.c.email, subscribers.c.name, memberships.c.status)
+                   subscribers.c.email, subscribers.c.name, memberships.c.status,
+                   deliveries.c.edition)
             .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
             .outerjoin(memberships, and_(memberships.c.list_id == deliveries.c.list_id,
                                          memberships.c.subscriber_id == deliveries.c.subscriber_id))
@@ -708,7 +756,8 @@ class SqlStore:
                 if r.status != MembershipStatus.ACTIVE:
                     gone.append(r.id)
                 else:
-                    due.append(Due(r.id, Recipient(r.subscriber_id, r.list_id, r.email, r.name),
+                    due.append(Due(r.id, Recipient(r.subscriber_id, r.list_id, r.email, r.name,
+                                                   r.edition),
                                    r.attempts, r.first_attempt_at))
             if gone:
                 conn.execute(update(deliveries).where(deliveries.c.id.in_(gone))
@@ -946,15 +995,39 @@ class SqlStore:
 
 
 def _enqueue_audience(conn: Connection, row: Row[Any], now: dt.datetime) -> int:
-    """A campaign's first run: fix its audience now, in one INSERT ... SELECT."""
+    """A campaign's first run: fix its audience now, in one INSERT ... SELECT, and give
+    each row its edition when the campaign has several."""
     audience = _audience(_campaign_list_ids(conn, row.id),
                          issue_key=None if row.resend else row.issue_key,
                          exclude_campaign=row.id, segment_filter=row.segment_filter)
-    return int(conn.execute(insert(deliveries).from_select(
+    n = int(conn.execute(insert(deliveries).from_select(
         ["subscriber_id", "list_id", "campaign_id", "status", "attempts", "updated_at"],
         audience.add_columns(literal(row.id), literal(DeliveryStatus.QUEUED.value),
                              literal(0), literal(now, TZ)),
     )).rowcount)
+    languages = list(conn.execute(select(campaign_editions.c.language).where(
+        campaign_editions.c.campaign_id == row.id)).scalars())
+    if languages:
+        _assign_editions(conn, row.id, languages)
+    return n
+
+
+def _assign_editions(conn: Connection, campaign_id: int, languages: list[str]) -> None:
+    """Each recipient's edition: its own `lang` attribute (zh-CN counts as zh) if the
+    campaign has that edition, else its list's language if it has that one; the rest keep
+    None, the main edition. Set-based: a few UPDATEs, whatever the audience size."""
+    lang = func.lower(subscribers.c.attributes["lang"].as_string())
+    mine = deliveries.c.campaign_id == campaign_id
+    for code in languages:
+        conn.execute(update(deliveries).where(
+            mine, deliveries.c.edition.is_(None),
+            deliveries.c.subscriber_id.in_(select(subscribers.c.id).where(
+                (lang == code) | lang.startswith(code + "-")))).values(edition=code))
+    for code in languages:
+        conn.execute(update(deliveries).where(
+            mine, deliveries.c.edition.is_(None),
+            deliveries.c.list_id.in_(select(lists.c.id).where(
+                func.lower(lists.c.language) == code))).values(edition=code))
 
 
 def _bounce_delivery(conn: Connection, delivery_id: int, *, hard: bool, reason: str,

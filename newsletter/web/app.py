@@ -353,7 +353,7 @@ def create_app(nl: Newsletter, *, relay: Relay | None = None,
         mlist = _archive_list(slug, t)
         if mlist is None:
             return web.not_found()
-        entries = nl.store.archive_entries(mlist.id)
+        entries = nl.store.archive_entries(mlist.id, language=mlist.language)
         return web.page("archive_index", lang=mlist.language, mlist=mlist, entries=entries,
                         reader_token=t or "", cache=mlist.public)
 
@@ -362,7 +362,7 @@ def create_app(nl: Newsletter, *, relay: Relay | None = None,
         mlist = _archive_list(slug, None)
         if mlist is None:
             return web.not_found()
-        entries = nl.store.archive_entries(mlist.id, limit=20)
+        entries = nl.store.archive_entries(mlist.id, limit=20, language=mlist.language)
         items = [(e, web.rendered_issue(e)) for e in entries]
         base = nl.settings.base_url
         xml = render_template(
@@ -374,16 +374,36 @@ def create_app(nl: Newsletter, *, relay: Relay | None = None,
 
     @app.get("/archive/{slug}/{path}", response_class=HTMLResponse)
     def archive_issue(slug: str, path: str, t: str | None = None) -> HTMLResponse:
+        return _archive_issue(slug, path, None, t)
+
+    @app.get("/archive/{slug}/{path}/{language}", response_class=HTMLResponse)
+    def archive_edition(slug: str, path: str, language: str,
+                        t: str | None = None) -> HTMLResponse:
+        """One language's edition of a bilingual issue."""
+        return _archive_issue(slug, path, language.lower(), t)
+
+    def _archive_issue(slug: str, path: str, language: str | None,
+                       t: str | None) -> HTMLResponse:
         mlist = _archive_list(slug, t)
         if mlist is None:
             return web.not_found()
         try:
-            entry, older, newer = nl.store.archive_entry(mlist.id, path, count_view=True)
+            entry, older, newer = nl.store.archive_entry(
+                mlist.id, path, count_view=True, language=language or mlist.language)
         except NotFoundError:
             return web.not_found(mlist.language)
+        if language is not None and entry.language != language:
+            return web.not_found(mlist.language)
+        editions = nl.store.archive_editions(mlist.id, entry.issue_key)
+        # The plain URL shows the list's language (else the first edition); the others live
+        # one level below it.
+        plain = next((e for e in editions if e.language == mlist.language), editions[0])
+        links = [(e.language, LANGUAGE_NAMES.get(e.language, e.language),
+                  e.path if e.id == plain.id else f"{e.path}/{e.language}")
+                 for e in editions if e.id != entry.id]
         context = web.rendered_issue(entry)
         return web.page("archive_issue", lang=entry.language, mlist=mlist, entry=entry,
-                        older=older, newer=newer, reader_token=t or "",
+                        older=older, newer=newer, reader_token=t or "", editions=links,
                         cache=False, **context)
 
     return app
