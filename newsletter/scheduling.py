@@ -175,11 +175,11 @@ class Schedules:
         if schedule.status not in ("active", "paused"):
             raise ConflictError(f"schedule {schedule_id} is {schedule.status}")
         issue = load_issue(path)
-        rendered = self.nl.render(issue)
+        main, rendered, editions = self.nl.render_editions(issue)
         self.nl.store.update_campaign_content(
             schedule.campaign_id, issue_key=issue.key, content_hash=issue.content_hash(),
-            subject=rendered.subject, issue_json=issue.model_dump_json(), html=rendered.html,
-            text=rendered.text)
+            subject=rendered.subject, issue_json=main.model_dump_json(), html=rendered.html,
+            text=rendered.text, editions=editions)
         return schedule
 
     def next_run(self, schedule: Schedule) -> dt.datetime | None:

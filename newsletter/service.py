@@ -171,6 +171,20 @@ class Newsletter:
 
     # --- sending -----------------------------------------------------------------------------
 
+    def render_editions(self, issue: Issue) \
+            -> tuple[Issue, RenderedIssue, list[dict[str, str]]]:
+        """Render every edition once: the main edition (this issue's language) and the
+        others as rows for campaign_editions."""
+        editions = issue.editions()  # this issue's language first
+        main = next(iter(editions.values()))
+        others = []
+        for lang, edition in list(editions.items())[1:]:
+            r = self.render(edition)
+            others.append({"language": lang, "subject": r.subject,
+                           "issue_json": edition.model_dump_json(), "html": r.html,
+                           "text": r.text})
+        return main, self.render(main), others
+
     def segment_filter(self, names: Sequence[str]) -> str | None:
         """The filter of a send to these segments: any of them (or), checked now."""
         if not names:
@@ -230,15 +244,7 @@ class Newsletter:
                     + f"; resume it with: newsletter campaigns resume {campaign.id}")
             if not again:
                 return self._resume_plan(issue, campaign, counts, mlists)
-        editions = issue.editions()  # this issue's language first
-        main = next(iter(editions.values()))
-        rendered = self.render(main)
-        others = []
-        for lang, edition in list(editions.items())[1:]:
-            r = self.render(edition)
-            others.append({"language": lang, "subject": r.subject,
-                           "issue_json": edition.model_dump_json(), "html": r.html,
-                           "text": r.text})
+        main, rendered, others = self.render_editions(issue)
         due = self.store.audience_count(list_ids, issue_key=None if again else issue.key,
                                         segment_filter=segment_filter)
         reach = self.store.audience_count(list_ids, segment_filter=segment_filter)
@@ -252,8 +258,9 @@ class Newsletter:
             segment_names=", ".join(dict.fromkeys(segments)) or None, editions=others,
         )
         if others:
-            notes.append("editions: " + ", ".join(editions) + " (each subscriber gets its "
-                         "lang's, else its list's language, else " + main.language + ")")
+            notes.append("editions: " + ", ".join([main.language, *(e["language"] for e in others)])
+                         + " (each subscriber gets its lang's, else its list's language, else "
+                         + main.language + ")")
         return SendPlan(campaign, mlists, new=True, due=due, notes=notes)
 
     def _resume_plan(self, issue: Issue, campaign: Campaign, counts: DeliveryCounts,

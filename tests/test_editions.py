@@ -147,3 +147,22 @@ def test_each_subscriber_gets_its_language_and_the_archive_links_the_editions(
     # The index lists the issue once, in the list's language.
     index = client.get("/archive/news/").text
     assert index.count("/archive/news/3") == 1 and "Trade Notes" in index
+
+
+def test_a_scheduled_bilingual_issue_is_re_rendered_with_all_editions(
+    nl: Newsletter, issue: Path,
+) -> None:
+    import datetime as dt
+
+    from newsletter.scheduling import Schedules
+
+    nl.store.create_list("news")
+    schedules = Schedules(nl)
+    sched = schedules.add_once(issue, ["news"], tz="UTC",
+                               at=dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+    assert sched.campaign_id is not None
+    assert nl.store.campaign_editions(sched.campaign_id)["zh"]["subject"] == "贸易简报 第3期"
+    issue.with_name("trade.zh.md").write_text(ZH.replace("第3期", "第三期"), encoding="utf-8")
+    schedules.update(sched.id, issue)
+    editions = nl.store.campaign_editions(sched.campaign_id)
+    assert list(editions) == ["zh"] and editions["zh"]["subject"] == "贸易简报 第三期"

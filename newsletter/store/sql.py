@@ -22,6 +22,7 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    delete,
     func,
     insert,
     literal,
@@ -652,15 +653,22 @@ class SqlStore:
         return value
 
     def update_campaign_content(self, campaign_id: int, *, issue_key: str, content_hash: str,
-                                subject: str, issue_json: str, html: str, text: str) -> None:
-        """Replace a campaign's rendered issue, only while nothing has been sent."""
+                                subject: str, issue_json: str, html: str, text: str,
+                                editions: Sequence[dict[str, str]] = ()) -> None:
+        """Replace a campaign's rendered issue and editions, only while nothing has been
+        sent."""
         with self.engine.begin() as conn:
             changed = conn.execute(update(campaigns).where(
                 campaigns.c.id == campaign_id, campaigns.c.started_at.is_(None),
             ).values(issue_key=issue_key, content_hash=content_hash, subject=subject,
                      issue_json=issue_json, html=html, text=text)).rowcount
-        if not changed:
-            raise ConflictError(f"campaign {campaign_id} has started; its issue is fixed")
+            if not changed:
+                raise ConflictError(f"campaign {campaign_id} has started; its issue is fixed")
+            conn.execute(delete(campaign_editions).where(
+                campaign_editions.c.campaign_id == campaign_id))
+            if editions:
+                conn.execute(insert(campaign_editions),
+                             [{"campaign_id": campaign_id, **e} for e in editions])
 
     def get_campaign(self, campaign_id: int) -> Campaign:
         with self.engine.connect() as conn:
