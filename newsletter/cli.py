@@ -488,6 +488,30 @@ def issue_build(
               f"{result.eml}")
 
 
+@issue_app.command("check")
+def issue_check(
+    file: Annotated[Path, typer.Argument(help="Issue file: .md (front matter), .yaml or .json.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    css: Annotated[bool, typer.Option(
+        "--css/--no-css", help="CSS support in Gmail and Outlook (needs node and "
+        "tools/email-css).")] = True,
+    spam: Annotated[bool, typer.Option(
+        "--spam/--no-spam", help="SpamAssassin score, local tests only (needs spamassassin).")]
+    = True,
+) -> None:
+    """Check an issue before sending: validity, size, links, images, empty sections, CSS
+    support and spam score. Exits 1 on errors; warnings do not fail."""
+    from .checks import check_issue, print_report
+
+    report = check_issue(_state.app, file, css=css, spam=spam)
+    if as_json:
+        print(json.dumps(report.as_dict(), ensure_ascii=False, indent=2))
+    else:
+        print_report(report, out)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 # --- send -------------------------------------------------------------------------------------
 
 @app.command("send")
