@@ -90,6 +90,9 @@ app.add_typer(bounces_app, name="bounces")
 tokens_app = typer.Typer(help="Bearer tokens of the admin API (/api/): create, ls, revoke.",
                          no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
+archive_app = typer.Typer(help="Export a list's archive as a static site for any web "
+                          "host.", no_args_is_help=True)
+app.add_typer(archive_app, name="archive")
 
 
 class _State:
@@ -472,6 +475,32 @@ def tokens_revoke(name: Annotated[str, typer.Argument(help="The token's name.")]
 
     record = Tokens(_state.app.store.engine).revoke(name, actor=cli_actor())
     out.print(f"revoked token {record.name!r} ({record.role.value})", highlight=False)
+
+
+# --- archive ----------------------------------------------------------------------------------
+
+@archive_app.command("build")
+def archive_build(
+    list_slug: ListOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="The site's directory: new, empty, or "
+                                          "an earlier build of the same list.")],
+    base_url: Annotated[str | None, typer.Option(
+        "--base-url", help="Where the site will be served, for the feed's absolute links "
+        "(default: NEWSLETTER_BASE_URL/archive/SLUG/).")] = None,
+    include_private: Annotated[bool, typer.Option(
+        "--include-private", help="Export a private list too (its web archive needs a "
+        "reader token; the static copy will not).")] = False,
+) -> None:
+    """Write the list's archive as static files: an index, a page per issue and edition,
+    an Atom feed and the CSS, all linked relatively. Re-running updates what changed."""
+    from .archive import export_archive
+
+    report = export_archive(_state.app, list_slug, out_dir, base_url=base_url,
+                            include_private=include_private)
+    w = report.write
+    out.print(f"{report.issues} issues, {report.pages} pages: wrote {len(w.written)} files, "
+              f"{w.unchanged} unchanged, removed {len(w.removed)}; open "
+              f"{report.out_dir / 'index.html'}", highlight=False)
 
 
 # --- issues -----------------------------------------------------------------------------------
