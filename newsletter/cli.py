@@ -511,10 +511,19 @@ def issue_build(
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the files.")]
     = Path("build"),
 ) -> None:
-    """Render an issue to issue.html, issue.txt and a sample issue.eml."""
+    """Render an issue to issue.html, issue.txt and a sample issue.eml, and say how big
+    the HTML is against Gmail's clipping limit."""
+    from .render.issue import SizeLevel, size_check
+
     result = _state.app.build_files(file, out_dir)
-    out.print(f"wrote {result.html} ({result.html_bytes / 1024:.1f} KB), {result.text}, "
-              f"{result.eml}")
+    out.print(f"wrote {result.html}, {result.text}, {result.eml}")
+    size = size_check(result.html.read_text(encoding="utf-8"))
+    out.print(f"size: {size.kb} of HTML as sent (Gmail clips above about {size.limit // 1000} "
+              "KB)", highlight=False)
+    if size.level is SizeLevel.WARN:
+        err.print(f"warning: {size.describe()}")
+    elif size.level is SizeLevel.OVER:
+        err.print(f"warning: {size.describe()}; newsletter send refuses it without --force")
 
 
 @issue_app.command("check")
@@ -557,10 +566,14 @@ def send(
     again: Annotated[bool, typer.Option(
         "--again", help="Send an issue that already went out to these lists once more.")]
     = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Send even if the HTML is over the size at which Gmail clips it "
+        "(and hides the unsubscribe link).")] = False,
 ) -> None:
     """Send an issue to lists or segments now. Run it again to resume an interrupted send."""
     nl = _state.app
-    plan = nl.plan_send(file, list_slugs or [], again=again, segments=segment or [])
+    plan = nl.plan_send(file, list_slugs or [], again=again, segments=segment or [],
+                        force=force)
     _announce_mode(nl)
     for note in plan.notes:
         out.print(f"note: {note}")

@@ -25,9 +25,9 @@ from .content.parse import load_issue
 from .delivery.capture import CaptureServer
 from .delivery.engine import Engine, Progress, RelayPlan, RetryPolicy, RunReport, runner_is_dead
 from .delivery.relay import SmtpRelayClient
-from .errors import ConflictError, NotFoundError
+from .errors import ConflictError, NotFoundError, RenderError
 from .headers import format_address
-from .render.issue import RenderedIssue, fill_slots, render_issue
+from .render.issue import Branding, RenderedIssue, SizeLevel, fill_slots, render_issue, size_check
 from .render.message import (
     Editions,
     ListInfo,
@@ -100,15 +100,26 @@ class Newsletter:
 
     @cached_property
     def templates(self) -> jinja2.Environment:
-        return make_environment(self.settings.templates_dir)
+        env = make_environment(self.settings.templates_dir)
+        # Confirmation and welcome mail share the issue's branding (their context is built
+        # elsewhere, so the brand travels as a global).
+        env.globals["brand"] = self.branding
+        return env
+
+    @cached_property
+    def branding(self) -> Branding:
+        s = self.settings
+        return Branding(logo_url=s.brand_logo_url, logo_width=s.brand_logo_width,
+                        color=s.brand_color, accent_color=s.brand_accent_color,
+                        footer_text=s.brand_footer_text)
 
     # --- rendering ---------------------------------------------------------------------------
 
     def render(self, issue: Issue) -> RenderedIssue:
         return render_issue(
             issue, self.templates,
-            brand_name=self.settings.sender_name or issue.title,
-            postal_address=self.settings.postal_address,
+            brand_name=self.settings.brand_name or self.settings.sender_name or issue.title,
+            postal_address=self.settings.postal_address, branding=self.branding,
         )
 
     def list_info(self, mlist: MailingList) -> ListInfo:
@@ -146,6 +157,7 @@ class Newsletter:
             web_urls={m.id: self.archive_url(m, issue, edition=edition) for m in lists}
             if issue else None,
             web_token=self.signer.archive_token,
+            preferences_token=self.signer.preferences_token,
         )
 
     def build_files(self, path: Path, out_dir: Path) -> BuildResult:
@@ -158,7 +170,8 @@ class Newsletter:
                            name="Sample Reader")
         values = {"unsubscribe_url": message.unsubscribe_url(reader),
                   "recipient_email": reader.email, "list_name": sample_list.name,
-                  "web_url": message.web_url(reader)}
+                  "web_url": message.web_url(reader),
+                  "preferences_url": message.preferences_url(reader)}
         out_dir.mkdir(parents=True, exist_ok=True)
         result = BuildResult(out_dir / "issue.html", out_dir / "issue.txt", out_dir / "issue.eml",
                              0)
@@ -198,11 +211,12 @@ class Newsletter:
         return text
 
     def plan_send(self, path: Path, slugs: Sequence[str], *, again: bool = False,
-                  segments: Sequence[str] = ()) -> SendPlan:
+                  segments: Sequence[str] = (), force: bool = False) -> SendPlan:
         """Find the campaign this send continues, or create one; nothing is sent yet.
 
         With segments, the audience is the active members matching any of them: on the
-        given lists, or on every list where someone matches when no list is given."""
+        given lists, or on every list where someone matches when no list is given. An issue
+        whose HTML Gmail would clip is refused unless `force`."""
         issue = load_issue(path)
         segment_filter = self.segment_filter(segments)
         if not slugs and segment_filter is None:
@@ -245,6 +259,15 @@ class Newsletter:
             if not again:
                 return self._resume_plan(issue, campaign, counts, mlists)
         main, rendered, others = self.render_editions(issue)
+        for lang, html in [(main.language, rendered.html), *((e["language"], e["html"])
+                                                            for e in others)]:
+            size = size_check(html)
+            edition = f" ({lang} edition)" if others else ""
+            if size.level is SizeLevel.OVER and not force:
+                raise RenderError(f"{path}{edition}: {size.describe()}; shorten the issue, or "
+                                  "send it anyway with --force")
+            if size.level is not SizeLevel.OK:
+                notes.append(f"{size.describe()}{edition}")
         due = self.store.audience_count(list_ids, issue_key=None if again else issue.key,
                                         segment_filter=segment_filter)
         reach = self.store.audience_count(list_ids, segment_filter=segment_filter)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import tomllib
 from email.utils import formataddr, parseaddr
@@ -162,6 +163,13 @@ class Settings(BaseSettings):
     send_rate: float = Field(default=0.0, ge=0)
     smtp_timeout: float = Field(default=60.0, gt=0)
     postal_address: str = ""
+    # Branding of the email templates (docs/templates.md); the defaults are the stock look.
+    brand_name: str = ""  # empty: the display name of `from`, else the issue title
+    brand_logo_url: str = ""
+    brand_logo_width: int = Field(default=160, ge=16, le=536)
+    brand_color: str = "#1f5f99"
+    brand_accent_color: str = "#1f5f99"
+    brand_footer_text: str = ""
     templates_dir: Path | None = None
     var_dir: Path = Path("var")
     list_id_domain: str = ""
@@ -285,6 +293,34 @@ class Settings(BaseSettings):
             raise ValueError("must be a plain ASCII address such as bounce@example.org "
                              "(without '+': VERP adds '+TOKEN')")
         return value.lower()
+
+    @field_validator("brand_color", "brand_accent_color")
+    @classmethod
+    def _check_color(cls, value: str) -> str:
+        # Colours are written into the CSS, where HTML escaping does not protect: only
+        # #rrggbb gets there.
+        value = value.strip()
+        if not re.fullmatch(r"#[0-9a-fA-F]{6}", value):
+            raise ValueError("must be a colour written #rrggbb, e.g. #1f5f99")
+        return value.lower()
+
+    @field_validator("brand_logo_url")
+    @classmethod
+    def _check_logo_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.netloc or re.search(r"[\s\"'<>]", value):
+            raise ValueError("must be an https:// URL (mail clients block http images)")
+        return value
+
+    @field_validator("brand_name", "brand_footer_text")
+    @classmethod
+    def _check_brand_text(cls, value: str) -> str:
+        value = " ".join(value.split())
+        check_header_text(value, "")  # one line, no control characters
+        return value
 
     @field_validator("postal_address")
     @classmethod

@@ -10,8 +10,15 @@ import pytest
 
 from newsletter.content.parse import load_issue, parse_issue
 from newsletter.errors import RenderError
-from newsletter.render.issue import SLOT_RE, render_issue
-from newsletter.render.markdown import text_width, wrap
+from newsletter.render.issue import (
+    SLOT_RE,
+    Branding,
+    SizeLevel,
+    render_issue,
+    size_check,
+    slot,
+)
+from newsletter.render.markdown import TextRenderer, text_width, wrap
 from newsletter.render.templates import make_environment
 
 from .conftest import SAMPLE_MD, SAMPLE_ZH
@@ -40,8 +47,9 @@ def test_html_has_sections_numbered_articles_and_sources() -> None:
     sections = ["".join(h.itertext()) for h in doc.iter("h2")]
     assert sections == ["Macro trends", "Industry"]
     toc = [a.get("href") for a in doc.iter("a") if (a.get("href") or "").startswith("#")]
-    ids = {h.get("id") for h in doc.iter("h2")}
-    assert toc and set(toc) == {f"#{i}" for i in ids}
+    sections = {f"#{h.get('id')}" for h in doc.iter("h2")}
+    articles = {f"#{h.get('id')}" for h in doc.iter("h3")}
+    assert toc == sorted(sections | articles)  # each section, then its articles
     assert "Source: Ministry of Examples" in r.html
     assert "Source: Example Institute" in r.html
     links = [a.get("href") for a in doc.iter("a")]
@@ -81,7 +89,7 @@ def test_slots_are_present_in_both_parts() -> None:
     r = _render()
     for part in (r.html, r.text):
         assert {m.group(1) for m in SLOT_RE.finditer(part)} == {
-            "unsubscribe_url", "recipient_email", "list_name", "web_url"}
+            "unsubscribe_url", "recipient_email", "list_name", "web_url", "preferences_url"}
 
 
 def test_hostile_content_is_escaped() -> None:
@@ -143,3 +151,81 @@ def test_template_without_unsubscribe_link_is_refused(tmp_path: Path) -> None:
     (tmp_path / "email" / "issue.txt.j2").write_text("{{ issue.title }}\n")
     with pytest.raises(RenderError, match="unsubscribe"):
         _render(env_dir=tmp_path)
+
+
+def test_wrap_keeps_opening_punctuation_with_what_follows() -> None:
+    text = "数字经济" * 4 + "「公共数据」开放" * 3
+    for width in range(10, 30):
+        lines = wrap(text, width).split("\n")
+        assert "".join(lines) == text
+        assert not any(ln.endswith(("「", "“")) for ln in lines), (width, lines)
+        assert not any(ln.startswith(("」", "，", "。")) for ln in lines), (width, lines)
+        assert all(text_width(ln) <= width + 2 for ln in lines)  # a glued pair may fill it
+    assert wrap("word " * 3, 72, "  ", "    ") == "  word word word"
+
+
+def test_text_renderer_joins_cjk_line_breaks_aligns_lists_and_numbers_links() -> None:
+    r = TextRenderer(width=40)
+    text = r.render("中文段落的第一行\n第二行，[链接](https://example.org/a)。\n\n"
+                    "English line\none [x](https://example.org/a) [y](https://example.org/b)")
+    assert "中文段落的第一行第二行，链接 [1]。" in text
+    assert "English line one x [1] y [2]" in text
+    assert r.links == ["https://example.org/a", "https://example.org/b"]
+    items = "\n".join(f"{i}. item number {i} with enough words to wrap" for i in range(1, 11))
+    listed = TextRenderer(width=30).render(items).split("\n")
+    assert listed[0] == "1.  item number 1 with enough"
+    assert listed[1] == "    words to wrap"
+    assert listed[-2].startswith("10. item number 10")
+
+
+def test_footnotes_are_numbered_per_article() -> None:
+    md = MD.replace("Third body.", "Third [body](https://example.org/third).")
+    text = _render(md).text
+    third = text[text.rindex("1. Third article"):]
+    assert "body [1]" in third and "[1] https://example.org/third" in third
+
+
+def test_size_check_fills_slots_with_typical_values_and_grades() -> None:
+    page = "<p>" + "x" * 1000 + "</p>" + "".join(slot(n) for n in ("unsubscribe_url",
+                                                                   "preferences_url"))
+    report = size_check(page)
+    assert report.level is SizeLevel.OK and report.size == 7 + 1000 + 2 * 120
+    assert size_check("x" * 90_001).level is SizeLevel.WARN
+    over = size_check("x" * 100_001)
+    assert over.level is SizeLevel.OVER and "100.0 KB as sent, over the 100 KB" in over.describe()
+    assert size_check("x" * 500, warn_at=100, limit=400).level is SizeLevel.OVER
+    assert "close to" in size_check("x" * 300, warn_at=100, limit=400).describe()
+
+
+def test_branding_is_validated_where_it_reaches_the_css() -> None:
+    for bad in ({"color": "red"}, {"accent_color": "#1234567"},
+                {"color": "#000;}body{x:y"}, {"logo_url": "http://x.example/l.png"},
+                {"logo_url": 'https://x.example/" onerror="'}, {"logo_width": 2000}):
+        with pytest.raises(ValueError, match="brand"):
+            Branding(**bad)  # type: ignore[arg-type]
+    r = render_issue(parse_issue(MD), make_environment(), brand_name="Desk", postal_address="",
+                     branding=Branding(color="#0b6e4f", footer_text="Desk & Co <desk>"))
+    assert "#0b6e4f" in r.html and "#1f5f99" not in r.html
+    assert "Desk &amp; Co &lt;desk&gt;" in r.html and "Desk & Co <desk>" in r.text
+
+
+def test_preferences_url_is_per_subscriber_and_optional() -> None:
+    from newsletter.render.message import ListInfo, PreparedMessage, Recipient
+    from newsletter.render.tokens import TokenSigner
+
+    signer = TokenSigner([b"k"])
+    lists = {1: ListInfo("One", "One <one.example.org>"),
+             2: ListInfo("Two", "Two <two.example.org>")}
+    kwargs = {"from_address": "d@example.org", "from_name": "D",
+              "base_url": "https://n.example.org", "unsubscribe_token": signer.unsubscribe_token,
+              "lists": lists,
+              "message_id_domain": "example.org"}
+    with_prefs = PreparedMessage(_render(), preferences_token=signer.preferences_token, **kwargs)
+    a, b = Recipient(5, 1, "a@example.org"), Recipient(5, 2, "a@example.org")
+    url = with_prefs.preferences_url(a)
+    assert url == "https://n.example.org/preferences/" + signer.preferences_token(5)
+    assert with_prefs.preferences_url(b) == url and signer.read_preferences_token(
+        url.rsplit("/", 1)[1]) == 5
+    assert url.encode() in with_prefs.build(a).replace(b"=\r\n", b"")
+    without = PreparedMessage(_render(), **kwargs)  # type: ignore[arg-type]
+    assert without.preferences_url(a) == "https://n.example.org/"

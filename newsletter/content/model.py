@@ -8,6 +8,7 @@ import re
 import unicodedata
 from typing import Annotated
 
+from markdown_it import MarkdownIt
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 from ..headers import check_header_text
@@ -29,15 +30,57 @@ HeaderText = Annotated[str, AfterValidator(_not_blank), AfterValidator(_header_s
 Text = Annotated[str, AfterValidator(_not_blank)]
 
 
+def _https(value: HttpUrl) -> HttpUrl:
+    # Mail clients fetch images through their proxies; an http:// image shows as broken or
+    # as "insecure content" in the web archive.
+    if value.scheme != "https":
+        raise ValueError("an image URL must start with https://")
+    return value
+
+
+class Image(BaseModel):
+    """A picture shown under an article's title. The alt text is required: it is what
+    screen readers say and what a reader sees while images are blocked (most clients' default
+    for a new sender)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: Annotated[HttpUrl, AfterValidator(_https)]
+    alt: Annotated[str, AfterValidator(_not_blank)]
+    # Display width in CSS pixels, at most the email's content column; phones scale it down.
+    width: int = Field(default=536, ge=1, le=536)
+
+
+_body_md = MarkdownIt("commonmark")
+
+
+def _body_images_ok(body: str) -> str:
+    """A Markdown image in a body needs alt text and an https source, like Image."""
+    if "![" not in body:  # cheap: most bodies have none
+        return body
+    for block in _body_md.parse(body):
+        for tok in block.children or []:
+            if tok.type != "image":
+                continue
+            src = str(tok.attrGet("src") or "")
+            if not tok.content.strip():
+                raise ValueError(f"image {src} has no alt text; write ![what it shows]({src})")
+            if not src.startswith("https://"):
+                raise ValueError(f"image {src or '(empty)'}: the URL must start with https://")
+    return body
+
+
 class Article(BaseModel):
-    """One numbered item of a section: a title, a Markdown body, optionally a link and a source."""
+    """One numbered item of a section: a title, a Markdown body, optionally a link, a source
+    and images."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     title: HeaderText
-    body: str = ""
+    body: Annotated[str, AfterValidator(_body_images_ok)] = ""
     link: HttpUrl | None = None
     source: str | None = None
+    images: list[Image] = Field(default_factory=list)
 
     @field_validator("source")
     @classmethod

@@ -9,13 +9,35 @@ import unicodedata
 from collections.abc import Sequence
 
 from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
+from markdown_it.renderer import RendererHTML
 from markdown_it.token import Token
+from markdown_it.utils import EnvType, OptionsDict
 from markupsafe import Markup
 
 _md = MarkdownIt("commonmark", {"html": False, "typographer": False}).enable(
     ["table", "strikethrough"]
 )
 _SAFE_SCHEMES = ("http://", "https://", "mailto:")
+
+# The email's content column: a 600 px container less 32 px padding on each side. Images
+# in a body are shown across it (and shrink with the column on a phone).
+CONTENT_WIDTH = 536
+IMAGE_STYLE = "display:block;max-width:100%;height:auto;border:0"
+
+
+def _render_image(self: RendererHTML, tokens: Sequence[Token], idx: int,
+                  options: OptionsDict, env: EnvType) -> str:
+    # Outlook sizes an image by its width attribute and ignores CSS; everyone else scales it
+    # down with max-width. markdown-it's own rule sets neither. The model has already
+    # refused images without alt text or with a non-https source.
+    tok = tokens[idx]
+    alt = self.renderInlineAsText(tok.children or [], options, env)
+    return (f'<img src="{escapeHtml(str(tok.attrGet("src") or ""))}" alt="{escapeHtml(alt)}" '
+            f'width="{CONTENT_WIDTH}" style="{IMAGE_STYLE}">')
+
+
+_md.add_render_rule("image", _render_image)
 
 
 def to_html(markdown: str) -> Markup:
@@ -25,11 +47,15 @@ def to_html(markdown: str) -> Markup:
 
 # --- plain text -------------------------------------------------------------------------------
 
-# Characters that must not start a line in CJK text (closing punctuation), kinsoku shori.
-_NO_LINE_START = set("，。、；：！？）」』】》〉”’,.;:!?)]}%")
+# Line-breaking rules for CJK text (kinsoku shori): closing punctuation never starts a line,
+# opening punctuation never ends one. ASCII ones are here for mixed text such as "中文)".
+_NO_LINE_START = set("，。、；：！？）」』】》〉〕］｝”’,.;:!?)]}%")
+_NO_LINE_END = set("（「『【《〈〔［｛“‘([{")
+_SOFT_BREAK = "\x00"  # a source line break, decided once both neighbours are known
 
 
 def char_width(ch: str) -> int:
+    """Display columns of a character: 2 for wide and full-width ones (CJK), else 1."""
     return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
 
@@ -38,7 +64,8 @@ def text_width(text: str) -> int:
 
 
 def _units(text: str) -> list[str]:
-    """Split into breakable units: words, spaces, and single wide (CJK) characters."""
+    """Split into breakable units: words, spaces, and single wide (CJK) characters, with
+    punctuation glued to its neighbour so that no line starts or ends with the wrong one."""
     units: list[str] = []
     word = ""
     for ch in text:
@@ -58,10 +85,10 @@ def _units(text: str) -> list[str]:
             word += ch
     if word:
         units.append(word)
-    # Glue wide closing punctuation to the unit before it.
     glued: list[str] = []
     for u in units:
-        if glued and u[0] in _NO_LINE_START and glued[-1] != " ":
+        if glued and glued[-1] != " " and u != " " and (
+                u[0] in _NO_LINE_START or glued[-1][-1] in _NO_LINE_END):
             glued[-1] += u
         else:
             glued.append(u)
@@ -69,13 +96,17 @@ def _units(text: str) -> list[str]:
 
 
 def wrap(text: str, width: int = 72, indent: str = "", subsequent: str | None = None) -> str:
-    """Wrap text to `width` display columns; CJK text breaks between characters."""
+    """Wrap text to `width` display columns; CJK text breaks between characters.
+
+    `indent` starts the first line, `subsequent` the others (a hanging indent when it is
+    wider). A word longer than the line (a URL) gets a line of its own and overflows.
+    """
     subsequent = indent if subsequent is None else subsequent
     lines: list[str] = []
     for para_line in text.split("\n"):
         prefix = indent if not lines else subsequent
         line, used = prefix, text_width(prefix)
-        for unit in _units(" ".join(para_line.split(" "))):
+        for unit in _units(para_line):
             w = text_width(unit)
             if unit == " ":
                 if line.strip():
@@ -91,8 +122,25 @@ def wrap(text: str, width: int = 72, indent: str = "", subsequent: str | None = 
     return "\n".join(lines)
 
 
+def _join_soft_breaks(text: str) -> str:
+    """A line break inside a paragraph is a space in Latin text and nothing between two CJK
+    characters (Chinese has no spaces between words)."""
+    if _SOFT_BREAK not in text:
+        return text
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        if ch != _SOFT_BREAK:
+            out.append(ch)
+            continue
+        before = text[i - 1] if i else " "
+        after = text[i + 1] if i + 1 < len(text) else " "
+        out.append("" if char_width(before) == 2 and char_width(after) == 2 else " ")
+    return "".join(out)
+
+
 class TextRenderer:
-    """Markdown to readable plain text; links become numbered footnotes shared across a call."""
+    """Markdown to readable plain text, wrapped to `width` columns; links become numbered
+    footnotes, counted across every render() of one renderer (one per article)."""
 
     def __init__(self, width: int = 72) -> None:
         self.width = width
@@ -148,12 +196,16 @@ class TextRenderer:
               indent: str) -> None:
         ordered = tokens[start].type == "ordered_list_open"
         number = int(tokens[start].attrs.get("start", 1) or 1) if ordered else 0
+        # One marker width for the whole list, so that items 9 and 10 align.
+        count = sum(1 for t in tokens[start:end] if t.type == "list_item_open"
+                    and t.level == tokens[start].level + 1)
+        marker_width = len(f"{number + count - 1}. ") if ordered else 2
         items: list[str] = []
         i = start + 1
         while i < end:
             if tokens[i].type == "list_item_open":
                 close = _matching(tokens, i)
-                marker = f"{number}. " if ordered else "- "
+                marker = f"{number}. ".ljust(marker_width) if ordered else "- "
                 number += 1
                 inner: list[str] = []
                 self._blocks(tokens, i + 1, close, inner, indent + " " * len(marker))
@@ -169,13 +221,12 @@ class TextRenderer:
 
     def _table(self, tokens: Sequence[Token], indent: str) -> str:
         rows: list[list[str]] = []
-        for j, tok in enumerate(tokens):
+        for tok in tokens:
             if tok.type == "tr_open":
                 rows.append([])
             elif tok.type == "inline" and rows:
                 rows[-1].append(self._inline(tok))
-            del j
-        return "\n".join(indent + " | ".join(r) for r in rows)
+        return "\n".join(wrap(" | ".join(r), self.width, indent, indent + "  ") for r in rows)
 
     def _inline(self, tok: Token) -> str:
         parts: list[str] = []
@@ -184,7 +235,7 @@ class TextRenderer:
             if child.type in ("text", "code_inline"):
                 parts.append(child.content)
             elif child.type == "softbreak":
-                parts.append(" ")
+                parts.append(_SOFT_BREAK)
             elif child.type == "hardbreak":
                 parts.append("\n")
             elif child.type == "link_open":
@@ -194,8 +245,9 @@ class TextRenderer:
                     parts.append(f" [{self.footnote(href)}]")
                 href = None
             elif child.type == "image":
-                parts.append(child.content or "")
-        return "".join(parts)
+                # The text part cannot show the picture; its alt text says what it shows.
+                parts.append(f"[{child.content}]" if child.content else "")
+        return _join_soft_breaks("".join(parts))
 
 
 def _matching(tokens: Sequence[Token], start: int) -> int:

@@ -126,9 +126,12 @@ class PreparedMessage:
         message_id_domain: str, campaign_id: int = 0, subject_prefix: str = "",
         web_urls: dict[int, str] | None = None,
         web_token: Callable[[int, int], str] | None = None,
+        preferences_token: Callable[[int], str] | None = None,
     ) -> None:
         """web_urls: each list's URL of this issue's web version (default: base_url). A URL
-        ending in "?t=" is a private archive's: web_token(subscriber, list) is appended."""
+        ending in "?t=" is a private archive's: web_token(subscriber, list) is appended.
+        preferences_token(subscriber) makes the preferences_url slot's
+        base_url/preferences/TOKEN (without it the slot is base_url)."""
         self.from_address = from_address
         self._base_url = base_url.rstrip("/") + "/"
         self._web_urls = web_urls or {}
@@ -137,6 +140,8 @@ class PreparedMessage:
         self._web_cache: dict[int, tuple[bytes, bytes]] = {}
         self._token = unsubscribe_token
         self._unsub_base = base_url.rstrip("/") + "/unsubscribe/"
+        self._prefs_token = preferences_token
+        self._prefs_base = base_url.rstrip("/") + "/preferences/"
         self._domain = message_id_domain
         self._campaign = campaign_id
         self._lists = lists
@@ -166,6 +171,10 @@ class PreparedMessage:
         self._close = f"\r\n--{boundary}--\r\n".encode("ascii")
         self._text = _Part(rendered.text)
         self._html = _Part(rendered.html)
+        # A second signed token per message only when a template shows the link (campaigns
+        # rendered before the slot existed, custom templates without it).
+        self._uses_prefs = any(name == "preferences_url"
+                               for part in (self._text, self._html) for name, _ in part.rest)
         # List names repeat across recipients: encode each once per part.
         self._list_names: dict[int, tuple[bytes, bytes]] = {}
 
@@ -206,6 +215,12 @@ class PreparedMessage:
     def unsubscribe_url(self, recipient: Recipient) -> str:
         return self._unsub_base + self._token(recipient.subscriber_id, recipient.list_id)
 
+    def preferences_url(self, recipient: Recipient) -> str:
+        """The recipient's preferences page: one token per subscriber, whatever the list."""
+        if self._prefs_token is None:
+            return self._base_url
+        return self._prefs_base + self._prefs_token(recipient.subscriber_id)
+
     def message_id(self, recipient: Recipient) -> str:
         self._seq += 1
         return (f"<nl.{self._campaign}.{recipient.subscriber_id}.{self._run}{self._seq:x}"
@@ -227,6 +242,10 @@ class PreparedMessage:
         html_values = {"unsubscribe_url": _for_html(url, url_qp),
                        "recipient_email": _for_html(recipient.email, email_qp),
                        "list_name": names[1], "web_url": web[1]}
+        if self._uses_prefs:
+            prefs = self.preferences_url(recipient)
+            prefs_qp = text_values["preferences_url"] = qp_slot(prefs)
+            html_values["preferences_url"] = _for_html(prefs, prefs_qp)
         head = (
             f"To: {format_address(recipient.name, recipient.email)}\r\n"
             + f"Message-ID: {self.message_id(recipient)}\r\n"
