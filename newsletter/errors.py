@@ -15,6 +15,7 @@ any of them into one clear line and a non-zero exit::
     ├── ImportFileError        a subscriber file cannot be read at all (bad rows are reported,
     │                          not raised)
     ├── FilterSyntaxError      a segment filter does not parse (carries the error's position)
+    ├── ArchiveExportError     (archive.py) a static archive cannot be written as asked
     ├── AuthError              an API request has no valid token, or its role may not do that
     └── DeliveryError          one message could not be delivered
         ├── TemporaryDeliveryError   4xx, connection dropped, timeout: may be retried
