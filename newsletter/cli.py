@@ -515,15 +515,18 @@ def issue_build(
     the HTML is against Gmail's clipping limit."""
     from .render.issue import SizeLevel, size_check
 
-    result = _state.app.build_files(file, out_dir)
-    out.print(f"wrote {result.html}, {result.text}, {result.eml}")
-    size = size_check(result.html.read_text(encoding="utf-8"))
-    out.print(f"size: {size.kb} of HTML as sent (Gmail clips above about {size.limit // 1000} "
-              "KB)", highlight=False)
-    if size.level is SizeLevel.WARN:
-        err.print(f"warning: {size.describe()}")
-    elif size.level is SizeLevel.OVER:
-        err.print(f"warning: {size.describe()}; newsletter send refuses it without --force")
+    main = _state.app.build_files(file, out_dir)
+    for lang, result in [("", main), *main.editions.items()]:
+        label = f" ({lang} edition)" if lang else ""
+        out.print(f"wrote {result.html}, {result.text}, {result.eml}{label}")
+        size = size_check(result.html.read_text(encoding="utf-8"))
+        out.print(f"size: {size.kb} of HTML as sent (Gmail clips above about "
+                  f"{size.limit // 1000} KB){label}", highlight=False)
+        if size.level is SizeLevel.WARN:
+            err.print(f"warning: {size.describe()}{label}")
+        elif size.level is SizeLevel.OVER:
+            err.print(f"warning: {size.describe()}{label}; newsletter send refuses it without "
+                      "--force")
 
 
 @issue_app.command("check")

@@ -80,6 +80,8 @@ class BuildResult:
     text: Path
     eml: Path
     html_bytes: int
+    # The other language editions, each written as issue.LANG.html/.txt/.eml.
+    editions: dict[str, BuildResult] = field(default_factory=dict)
 
 
 class Newsletter:
@@ -161,8 +163,17 @@ class Newsletter:
         )
 
     def build_files(self, path: Path, out_dir: Path) -> BuildResult:
-        """issue.html, issue.txt and a sample issue.eml, as a reader would get them."""
-        issue = load_issue(path)
+        """issue.html, issue.txt and a sample issue.eml, as a reader would get them; each
+        other language edition as issue.LANG.html, .txt and .eml beside them."""
+        editions = load_issue(path).editions()
+        main, *others = editions.values()
+        result = self._build_edition(main, out_dir, "issue")
+        for other in others:
+            result.editions[other.language] = self._build_edition(
+                other, out_dir, f"issue.{other.language}")
+        return result
+
+    def _build_edition(self, issue: Issue, out_dir: Path, stem: str) -> BuildResult:
         rendered = self.render(issue)
         sample_list = MailingList(0, "sample", "Sample list", "", None)  # type: ignore[arg-type]
         message = self.prepare(rendered, [sample_list], issue=issue)
@@ -173,8 +184,8 @@ class Newsletter:
                   "web_url": message.web_url(reader),
                   "preferences_url": message.preferences_url(reader)}
         out_dir.mkdir(parents=True, exist_ok=True)
-        result = BuildResult(out_dir / "issue.html", out_dir / "issue.txt", out_dir / "issue.eml",
-                             0)
+        result = BuildResult(out_dir / f"{stem}.html", out_dir / f"{stem}.txt",
+                             out_dir / f"{stem}.eml", 0)
         html = fill_slots(rendered.html, {k: escape(v) for k, v in values.items()})
         result.html.write_text(html, encoding="utf-8")
         result.text.write_text(fill_slots(rendered.text, values), encoding="utf-8")

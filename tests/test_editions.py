@@ -166,3 +166,13 @@ def test_a_scheduled_bilingual_issue_is_re_rendered_with_all_editions(
     schedules.update(sched.id, issue)
     editions = nl.store.campaign_editions(sched.campaign_id)
     assert list(editions) == ["zh"] and editions["zh"]["subject"] == "贸易简报 第三期"
+
+
+def test_issue_build_writes_every_edition(nl: Newsletter, issue: Path, tmp_path: Path) -> None:
+    result = nl.build_files(issue, tmp_path / "build")
+    assert result.html.name == "issue.html" and "Trade Notes" in result.html.read_text("utf-8")
+    zh = result.editions["zh"]
+    assert (zh.html.name, zh.text.name, zh.eml.name) == ("issue.zh.html", "issue.zh.txt",
+                                                         "issue.zh.eml")
+    assert "集装箱吞吐量" in zh.text.read_text("utf-8")
+    assert _subject(zh.eml.read_bytes()) == "贸易简报 第3期"
