@@ -553,6 +553,37 @@ def issue_check(
         raise typer.Exit(1)
 
 
+@issue_app.command("preview")
+def issue_preview(
+    file: Annotated[Path, typer.Argument(help="Issue file: .md (front matter), .yaml or .json.")],
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8001,
+    host: Annotated[str, typer.Option(
+        help="Address to listen on. The preview has no login: keep it on loopback.")]
+    = "127.0.0.1",
+) -> None:
+    """Serve the rendered issue in a browser (desktop and phone widths, dark mode, the text
+    part), rendered again whenever the file is saved. Ctrl-C stops it."""
+    from .preview import Rendering, serve_preview
+
+    def ready(url: str) -> None:
+        out.print(f"previewing {file} at {url} (Ctrl-C stops)", highlight=False)
+
+    def rendered(r: Rendering) -> None:
+        when = r.at.astimezone().strftime("%H:%M:%S")
+        if r.problem is not None:
+            err.print(f"{when} error: {r.problem.summary}", markup=False)
+        else:
+            out.print(f"{when} rendered '{r.subject}' ({r.html_bytes / 1024:.1f} KB)",
+                      markup=False)
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"warning: listening on {host}: anyone who can reach it sees the issue")
+    # uvicorn stops on Ctrl-C, then passes the signal on: here that is the normal way out.
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_preview(_state.app, file, host=host, port=port, on_ready=ready, on_render=rendered)
+    out.print("preview stopped")
+
+
 # --- send -------------------------------------------------------------------------------------
 
 @app.command("send")
@@ -572,9 +603,19 @@ def send(
     force: Annotated[bool, typer.Option(
         "--force", help="Send even if the HTML is over the size at which Gmail clips it "
         "(and hides the unsubscribe link).")] = False,
+    to: Annotated[list[str] | None, typer.Option(
+        "--to", help="Test send to this address instead (repeat, at most 10): subject marked "
+        "[TEST], no campaign, nothing recorded as a delivery.")] = None,
 ) -> None:
-    """Send an issue to lists or segments now. Run it again to resume an interrupted send."""
+    """Send an issue to lists or segments now. Run it again to resume an interrupted send.
+    With --to, a test send to a few addresses only."""
     nl = _state.app
+    if to:
+        if list_slugs or segment or again:
+            raise NewsletterError("--to is a test send to the addresses given: leave out "
+                                  "--list, --segment and --again")
+        _test_send(nl, file, to)
+        return
     plan = nl.plan_send(file, list_slugs or [], again=again, segments=segment or [],
                         force=force)
     _announce_mode(nl)
@@ -592,6 +633,28 @@ def send(
     report = _run_with_progress(nl, plan, f"sending to {names}")
     _print_report(report, nl, plan.campaign.id)
     if report.aborted:
+        raise typer.Exit(1)
+
+
+def _test_send(nl: Newsletter, file: Path, addresses: list[str]) -> None:
+    """`send FILE --to ...`: the issue as it would go out, to a few addresses; nothing is
+    stored but the audit entry."""
+    from .content.parse import load_issue
+    from .editor import TEST_PREFIX, Editor
+
+    issue = load_issue(file)
+    editor = Editor(nl, cli_actor())
+    _announce_mode(nl)
+    with send_runner() as runner:
+        results = runner.run(editor.test_send_issue(issue, addresses))
+    subject = TEST_PREFIX + issue.effective_subject
+    for r in results:
+        if r.sent:
+            out.print(f"sent '{subject}' to {r.address}", markup=False)
+        else:
+            err.print(f"failed: {r.address}: {r.error}", markup=False)
+    out.print("test send: nothing was recorded as a delivery (no campaign, no archive entry)")
+    if not all(r.sent for r in results):
         raise typer.Exit(1)
 
 

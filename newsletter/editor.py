@@ -30,9 +30,9 @@ from .delivery.capture import CaptureServer
 from .delivery.relay import Relay, SmtpRelayClient
 from .errors import ConflictError, HeaderInjectionError, NewsletterError, NotFoundError
 from .render.issue import RenderedIssue
-from .render.message import Recipient
+from .render.message import PreparedMessage, Recipient
 from .scheduling import Schedules, zone
-from .store.base import Campaign, DeliveryCounts
+from .store.base import Campaign, DeliveryCounts, MailingList
 from .store.imports import import_csv, normalize_email
 from .store.schedules import Schedule
 from .store.schema import CampaignStatus, SuppressionKind, campaigns, import_jobs, suppressions
@@ -172,6 +172,42 @@ class Editor:
         change. The links carry subscriber 0, so the test's unsubscribe link touches
         nobody. `relay`: default the first configured relay, else a capture server.
         """
+        checked = self._test_addresses(addresses)
+        c = self.nl.store.get_campaign(campaign_id)
+        issue = Issue.model_validate_json(c.issue_json)
+        mlists = list(self.nl.store.lists_by_id(c.list_ids).values())
+        if not mlists:
+            raise ConflictError(f"campaign {campaign_id} has no lists left")
+        message = self.nl.prepare(RenderedIssue(c.subject, c.html, c.text, issue.language),
+                                  mlists, campaign_id=c.id, subject_prefix=TEST_PREFIX,
+                                  issue=issue)
+        results = await self._send_tests(message, mlists[0].id, checked, relay)
+        self.audit("campaign.test_send", f"campaign {campaign_id}",
+                   sent=sum(r.sent for r in results), failed=sum(not r.sent for r in results))
+        return results
+
+    async def test_send_issue(self, issue: Issue, addresses: Sequence[str], *,
+                              relay: Relay | None = None) -> list[TestResult]:
+        """Send an issue that is in no campaign (`newsletter send FILE --to`) to a few
+        addresses, subject prefixed "[TEST] ": rendered now, and sent like test_send's
+        messages. Nothing is stored but the audit entry: no campaign, ledger row or
+        archive entry. Without a list, the message names a stand-in list called after the
+        issue, and "view in browser" points at the site (the issue is in no archive yet).
+        A bilingual issue is test-sent in its main edition, the one a list in the issue's
+        language gets.
+        """
+        checked = self._test_addresses(addresses)
+        main = next(iter(issue.editions().values()))
+        stand_in = MailingList(0, "test", main.title, "", utcnow(), language=main.language)
+        message = self.nl.prepare(self.nl.render(main), [stand_in],
+                                  subject_prefix=TEST_PREFIX)
+        results = await self._send_tests(message, stand_in.id, checked, relay)
+        self.audit("issue.test_send", issue.key, sent=sum(r.sent for r in results),
+                   failed=sum(not r.sent for r in results))
+        return results
+
+    @staticmethod
+    def _test_addresses(addresses: Sequence[str]) -> list[str]:
         if not addresses:
             raise InvalidError("addresses", "name at least one address")
         if len(addresses) > MAX_TEST_RECIPIENTS:
@@ -182,22 +218,19 @@ class Editor:
                 checked.append(normalize_email(raw))
             except (EmailNotValidError, ValueError, HeaderInjectionError) as exc:
                 raise InvalidError("addresses", f"invalid address {raw!r}: {exc}") from None
-        c = self.nl.store.get_campaign(campaign_id)
-        issue = Issue.model_validate_json(c.issue_json)
-        mlists = list(self.nl.store.lists_by_id(c.list_ids).values())
-        if not mlists:
-            raise ConflictError(f"campaign {campaign_id} has no lists left")
-        message = self.nl.prepare(RenderedIssue(c.subject, c.html, c.text, issue.language),
-                                  mlists, campaign_id=c.id, subject_prefix=TEST_PREFIX,
-                                  issue=issue)
+        return checked
+
+    async def _send_tests(self, message: PreparedMessage, list_id: int,
+                          addresses: Sequence[str], relay: Relay | None) -> list[TestResult]:
+        """The one place test messages go out: one connection, DKIM as in a real send."""
         results: list[TestResult] = []
         async with contextlib.AsyncExitStack() as stack:
             if relay is None:
                 relay = await self._default_relay(stack)
             connection = await relay.connect()
             stack.push_async_callback(connection.close)
-            for address in checked:
-                data = message.build(Recipient(0, mlists[0].id, address))
+            for address in addresses:
+                data = message.build(Recipient(0, list_id, address))
                 if self.nl.dkim is not None:
                     data = self.nl.dkim.sign(data) + data
                 try:
@@ -209,8 +242,6 @@ class Editor:
                         stack.push_async_callback(connection.close)
                 else:
                     results.append(TestResult(address, True))
-        self.audit("campaign.test_send", f"campaign {campaign_id}",
-                   sent=sum(r.sent for r in results), failed=sum(not r.sent for r in results))
         return results
 
     async def _default_relay(self, stack: contextlib.AsyncExitStack) -> Relay:

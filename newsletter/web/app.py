@@ -187,6 +187,10 @@ def create_app(nl: Newsletter, *, relay: Relay | None = None,
     from .api import mount_api
 
     mount_api(app, web)
+    # The capture inbox for admins (/outbox/): what the built-in capture server received.
+    from .outbox import mount_outbox
+
+    mount_outbox(app, web)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> PlainTextResponse:
