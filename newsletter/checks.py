@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import glob
 import json
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from html.parser import HTMLParser
 from pathlib import Path
@@ -31,6 +32,7 @@ from rich.markup import escape
 from .content.model import Issue
 from .content.parse import load_issue
 from .errors import ContentError, NewsletterError, RenderError
+from .render.issue import SIZE_WARN_BYTES, SizeLevel, size_check
 from .render.markdown import to_html
 
 if TYPE_CHECKING:
@@ -38,10 +40,6 @@ if TYPE_CHECKING:
 
     from .service import Newsletter
 
-# Gmail clips a message whose HTML passes about 102 KB, hiding the rest (unsubscribe link
-# included); stay under 100 KB and warn from 90 KB.
-HTML_WARN_BYTES = 90 * 1024
-HTML_MAX_BYTES = 100 * 1024
 # SpamAssassin's own bar is 5.0 ("required"); above 2.0 is worth a look before sending.
 SPAM_WARN_SCORE = 2.0
 
@@ -88,9 +86,10 @@ _source_md = _AllLinks("commonmark").enable(["table", "strikethrough"])
 
 def check_content(issue: Issue, *, name: str = "<issue>", source: str = "",
                   prefix: str = "") -> list[Finding]:
-    """Links that are not http(s) or mailto, images without alt text, raw HTML (shown as
-    literal text) and empty sections, per article. `source` (the file's text) gives lines;
-    `prefix` goes before field names (a translation's "translations.zh.")."""
+    """Links that are not http(s) or mailto, raw HTML (shown as literal text) and empty
+    sections, per article. (Images without alt text or https are the model's errors.)
+    `source` (the file's text) gives lines; `prefix` goes before field names (a
+    translation's "translations.zh.")."""
     lines = _Locator(source)
     findings: list[Finding] = []
     last = lines.body_start
@@ -106,43 +105,34 @@ def check_content(issue: Issue, *, name: str = "<issue>", source: str = "",
             a_line = lines.find(article.title, last)
             last = a_line or last
             loc = f"{prefix}sections[{s_index}].articles[{a_index}]"
-            for kind, value, token in _body_items(article.body):
+            for kind, value in _body_items(article.body):
                 where = _where(name, lines.find(value, last) or a_line, loc)
-                findings += _item_findings(kind, value, token, where)
+                findings += _item_findings(kind, value, where)
     return findings
 
 
-def _body_items(body: str) -> Iterator[tuple[str, str, Token]]:
-    """("link" | "image" | "html", href/src/markup, token) for everything in a body."""
-    def walk(tokens: Sequence[Token]) -> Iterator[tuple[str, str, Token]]:
+def _body_items(body: str) -> Iterator[tuple[str, str]]:
+    """("link", href) and ("html", markup) for everything of the kind in a body."""
+    def walk(tokens: Sequence[Token]) -> Iterator[tuple[str, str]]:
         for tok in tokens:
             if tok.type == "link_open":
-                yield "link", str(tok.attrs.get("href", "")), tok
-            elif tok.type == "image":
-                yield "image", str(tok.attrs.get("src", "")), tok
+                yield "link", str(tok.attrs.get("href", ""))
             elif tok.type in ("html_block", "html_inline"):
-                yield "html", tok.content.strip(), tok
+                yield "html", tok.content.strip()
             if tok.children:
                 yield from walk(tok.children)
 
     yield from walk(_source_md.parse(body))
 
 
-def _item_findings(kind: str, value: str, token: Token, where: str) -> list[Finding]:
+def _item_findings(kind: str, value: str, where: str) -> list[Finding]:
     if kind == "html":
-        hint = " (for an image write ![description](https://...))" if re.match(
+        hint = " (for an image write ![what it shows](https://...))" if re.match(
             r"<img\b", value, re.IGNORECASE) else ""
         return [Finding(Level.WARNING, "raw-html", f"raw HTML is not rendered: {_short(value)} "
                         f"shows in the email as literal text{hint}", where)]
-    out = []
-    if kind == "image" and not token.content.strip():
-        out.append(Finding(Level.WARNING, "image-alt", f"image {_short(value)} has no alt "
-                           "text: write ![what it shows](url), for screen readers and "
-                           "clients that block images", where))
-    problem = _link_problem(value, image=kind == "image")
-    if problem:
-        out.append(Finding(Level.ERROR, "link-scheme", problem, where))
-    return out
+    problem = _link_problem(value)
+    return [Finding(Level.ERROR, "link-scheme", problem, where)] if problem else []
 
 
 def _link_problem(url: str, *, image: bool = False) -> str | None:
@@ -196,18 +186,17 @@ def _where(name: str, line: int | None, field_name: str | None) -> str:
 # --- the rendered HTML ----------------------------------------------------------------------
 
 def check_size(html: str) -> list[Finding]:
-    """The HTML part's size against Gmail's clipping (about 102 KB)."""
-    size = len(html.encode("utf-8"))
-    text = f"the HTML part is {size / 1024:.1f} KB"
-    if size > HTML_MAX_BYTES:
-        return [Finding(Level.ERROR, "html-size", f"{text}, over {HTML_MAX_BYTES // 1024} KB: "
-                        "Gmail clips it and hides the rest, unsubscribe link included; "
-                        "split the issue or shorten it", "HTML")]
-    if size >= HTML_WARN_BYTES:
-        return [Finding(Level.WARNING, "html-size", f"{text}, close to the "
-                        f"{HTML_MAX_BYTES // 1024} KB where Gmail starts clipping", "HTML")]
-    return [Finding(Level.NOTE, "html-size", f"{text} (warning from {HTML_WARN_BYTES // 1024} "
-                    f"KB, error above {HTML_MAX_BYTES // 1024} KB)", "HTML")]
+    """The HTML part's size against Gmail's clipping, measured as `issue build` and `send`
+    measure it (render.issue.size_check)."""
+    size = size_check(html)
+    if size.level is SizeLevel.OVER:
+        return [Finding(Level.ERROR, "html-size", f"{size.describe()}; newsletter send refuses "
+                        "it without --force: shorten the issue or split it", "HTML")]
+    if size.level is SizeLevel.WARN:
+        return [Finding(Level.WARNING, "html-size", size.describe(), "HTML")]
+    return [Finding(Level.NOTE, "html-size", f"{size.describe()} (a warning above "
+                    f"{SIZE_WARN_BYTES // 1000} KB, an error above {size.limit // 1000} KB)",
+                    "HTML")]
 
 
 class _Tags(HTMLParser):
@@ -421,13 +410,14 @@ def parse_spamassassin(output: bytes) -> SpamReport:
         row = re.match(r"\s*(-?\d+(?:\.\d+)?)\s+([A-Z0-9_]+)\s+(.*)", line)
         if row:
             last = row.group(2)
-            table[last] = SpamRule(last, float(row.group(1)), row.group(3).strip())
+            table[last] = SpamRule(last, float(row.group(1)) or 0.0, row.group(3).strip())
         elif last and line.startswith(" " * 20) and line.strip():
             rule = table[last]
             table[last] = SpamRule(rule.name, rule.points,
                                    f"{rule.description} {line.strip()}")
     rules = tuple(table.get(n, SpamRule(n, 0.0)) for n in names)
-    return SpamReport(float(m.group(1)), float(m.group(2)),
+    # `or 0.0`: SpamAssassin prints -0.0 for a sum of informational rules.
+    return SpamReport(float(m.group(1)) or 0.0, float(m.group(2)),
                       tuple(sorted(rules, key=lambda r: -r.points)))
 
 
@@ -458,29 +448,57 @@ def _run(cmd: list[str], stdin: bytes, name: str, timeout: float) -> bytes:
 
 @dataclass(frozen=True)
 class Sample:
-    """An issue as a sample reader gets it: the HTML and text parts and the whole message."""
+    """One edition as a sample reader gets it: the HTML and text parts and the message."""
 
+    language: str
+    subject: str
     html: str
     text: str
     eml: bytes
 
 
-def render_sample(nl: Newsletter, path: Path) -> Sample:
-    """Through the real pipeline: what `newsletter issue build` writes."""
+def render_samples(nl: Newsletter, path: Path) -> list[Sample]:
+    """Every edition of the issue, its main one first, through the real pipeline: what
+    `newsletter issue build` writes."""
+    editions = load_issue(path).editions()
     with tempfile.TemporaryDirectory(prefix="newsletter-check-") as tmp:
-        built = nl.build_files(path, Path(tmp))
-        return Sample(built.html.read_text(encoding="utf-8"),
-                      built.text.read_text(encoding="utf-8"), built.eml.read_bytes())
+        main = nl.build_files(path, Path(tmp))
+        built = [main, *(main.editions[lang] for lang in list(editions)[1:])]
+        return [Sample(lang, issue.effective_subject, b.html.read_text(encoding="utf-8"),
+                       b.text.read_text(encoding="utf-8"), b.eml.read_bytes())
+                for (lang, issue), b in zip(editions.items(), built, strict=True)]
+
+
+@dataclass
+class EditionReport:
+    language: str
+    subject: str
+    html_bytes: int
+    css: CssReport | None = None    # None: not run
+    spam: SpamReport | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        css, spam = self.css, self.spam
+        return {
+            "language": self.language, "subject": self.subject, "html_bytes": self.html_bytes,
+            "css": None if css is None else {
+                "tool": css.tool, "clients": list(css.clients),
+                "features": [vars(f) | {"notes": list(f.notes)} for f in css.features]},
+            "spam": None if spam is None else {
+                "score": spam.score, "required": spam.required,
+                "rules": [vars(r) for r in spam.rules]},
+        }
 
 
 @dataclass
 class Report:
     path: str
     findings: list[Finding] = field(default_factory=list)
-    subject: str | None = None
-    html_bytes: int | None = None
-    css: CssReport | None = None
-    spam: SpamReport | None = None
+    editions: list[EditionReport] = field(default_factory=list)  # the main one first
+
+    @property
+    def subject(self) -> str | None:
+        return self.editions[0].subject if self.editions else None
 
     def count(self, level: Level) -> int:
         return sum(f.level == level for f in self.findings)
@@ -494,26 +512,21 @@ class Report:
         order = list(Level)
         return {
             "file": self.path, "ok": self.ok, "subject": self.subject,
-            "html_bytes": self.html_bytes,
             "counts": {level.value: self.count(level) for level in Level},
             "findings": [f.as_dict() for f in
                          sorted(self.findings, key=lambda f: order.index(f.level))],
-            "css": None if self.css is None else {
-                "tool": self.css.tool, "clients": list(self.css.clients),
-                "features": [vars(f) | {"notes": list(f.notes)} for f in self.css.features]},
-            "spam": None if self.spam is None else {
-                "score": self.spam.score, "required": self.spam.required,
-                "rules": [vars(r) for r in self.spam.rules]},
+            "editions": [e.as_dict() for e in self.editions],
         }
 
 
 def check_issue(nl: Newsletter, path: Path, *, css: bool = True, spam: bool = True,
                 allowlist: Path = EMAIL_CSS_DIR / "allowlist.json") -> Report:
-    """Every check on an issue file; an invalid file gives the parser's error only."""
+    """Every check on an issue file and each of its language editions; an invalid file
+    gives the parser's error only."""
     report = Report(str(path))
     try:
-        issue = load_issue(path)
-        sample = render_sample(nl, path)
+        editions = load_issue(path).editions()
+        samples = render_samples(nl, path)
     except ContentError as exc:
         report.findings.append(Finding(Level.ERROR, "invalid", exc.message,
                                        _where(exc.path or str(path), exc.line, exc.field)))
@@ -521,50 +534,68 @@ def check_issue(nl: Newsletter, path: Path, *, css: bool = True, spam: bool = Tr
     except RenderError as exc:
         report.findings.append(Finding(Level.ERROR, "render", str(exc), str(path)))
         return report
-    report.subject = issue.effective_subject
-    report.html_bytes = len(sample.html.encode("utf-8"))
     source = path.read_text(encoding="utf-8-sig")
-    editions = list(issue.editions().items())  # this issue's language first
-    main = editions[0][1]
-    report.findings += check_size(sample.html)
-    report.findings += check_content(main, name=str(path), source=source)
-    report.findings += check_template_html(sample.html, main)
-    for lang, edition in editions[1:]:
-        # No lines: a translation may come from a sibling file (issue.zh.md).
-        report.findings += check_content(edition, name=str(path), prefix=f"translations.{lang}.")
-    if len(editions) > 1:
-        report.findings.append(Finding(
-            Level.NOTE, "editions", f"editions {', '.join(lang for lang, _ in editions)}: the "
-            f"content of each is checked; the rendered checks cover the {editions[0][0]} edition"))
-    if css:
-        report.findings += _tool_findings("css", css_tool_missing(), lambda: _css(report, sample,
-                                                                                  allowlist))
-    if spam:
-        report.findings += _tool_findings("spam", spamassassin_missing(),
-                                          lambda: _spam(report, sample))
+    css_missing = css_tool_missing() if css else None
+    spam_missing = spamassassin_missing() if spam else None
+    allowed = load_allowlist(allowlist) if css and css_missing is None else []
+    for n, sample in enumerate(samples):
+        edition = editions[sample.language]
+        # With several editions, say which one a rendered finding is about.
+        tag = f" ({sample.language})" if len(samples) > 1 else ""
+        found = check_size(sample.html) + check_template_html(sample.html, edition)
+        sibling = _edition_file(path, sample.language) if n else None
+        if n == 0:
+            found += check_content(edition, name=str(path), source=source)
+        elif sibling is not None:  # issue.zh.md beside issue.en.md
+            found += check_content(edition, name=str(sibling),
+                                   source=sibling.read_text(encoding="utf-8-sig"))
+        else:  # a translations block: no lines (the same text may be in both editions)
+            found += check_content(edition, name=str(path),
+                                   prefix=f"translations.{sample.language}.")
+        er = EditionReport(sample.language, sample.subject, len(sample.html.encode("utf-8")))
+        report.editions.append(er)
+        if css and css_missing is None:
+            found += _css(er, sample, allowed)
+        if spam and spam_missing is None:
+            found += _spam(er, sample)
+        report.findings += [replace(f, where=f.where + tag) if f.where in ("HTML", "message")
+                            else f for f in found]
+    if css_missing is not None:
+        report.findings.append(Finding(Level.NOTE, "css-skipped",
+                                       f"CSS support report skipped: {css_missing}"))
+    if spam_missing is not None:
+        report.findings.append(Finding(Level.NOTE, "spam-skipped",
+                                       f"SpamAssassin score skipped: {spam_missing}"))
     return report
 
 
-def _css(report: Report, sample: Sample, allowlist: Path) -> list[Finding]:
-    report.css = run_doiuse(sample.html)
-    return [] if report.css is None else check_css(report.css, load_allowlist(allowlist))
+def _edition_file(path: Path, language: str) -> Path | None:
+    """The sibling file an edition was read from (issue.zh.md beside issue.en.md), if any."""
+    base, dot, _ = path.stem.rpartition(".")
+    if not dot:
+        return None
+    for sibling in path.parent.glob(f"{glob.escape(base)}.*{path.suffix}"):
+        if sibling.stem[len(base) + 1:].lower() == language:
+            return sibling
+    return None
 
 
-def _spam(report: Report, sample: Sample) -> list[Finding]:
-    report.spam = run_spamassassin(sample.eml)
-    return [] if report.spam is None else check_spam(report.spam)
-
-
-def _tool_findings(name: str, missing: str | None,
-                   run: Callable[[], list[Finding]]) -> list[Finding]:
-    label = {"css": "CSS support report", "spam": "SpamAssassin score"}[name]
-    if missing is not None:
-        return [Finding(Level.NOTE, f"{name}-skipped", f"{label} skipped: {missing}")]
+def _css(er: EditionReport, sample: Sample, allowed: list[Allowed]) -> list[Finding]:
     try:
-        findings = run()
+        er.css = run_doiuse(sample.html)
     except ToolError as exc:
-        return [Finding(Level.WARNING, f"{name}-failed", f"{label} failed: {exc}")]
-    return findings
+        return [Finding(Level.WARNING, "css-failed", f"CSS support report failed: {exc}",
+                        "HTML")]
+    return [] if er.css is None else check_css(er.css, allowed)
+
+
+def _spam(er: EditionReport, sample: Sample) -> list[Finding]:
+    try:
+        er.spam = run_spamassassin(sample.eml)
+    except ToolError as exc:
+        return [Finding(Level.WARNING, "spam-failed", f"SpamAssassin score failed: {exc}",
+                        "message")]
+    return [] if er.spam is None else check_spam(er.spam)
 
 
 # --- the readable report ----------------------------------------------------------------------
