@@ -443,3 +443,13 @@ def test_image_without_alt_is_rejected_with_file_line_and_field(tmp_path: Path) 
         load_issue(md_file)
     assert str(info.value).startswith(f"{md_file}:8: sections[1].articles[1].body: image "
                                       "https://example.org/a.png has no alt text")
+
+
+@pytest.mark.parametrize("path", SAMPLES)
+def test_every_contents_link_has_a_named_anchor(path: Path) -> None:
+    """Gmail webmail and Outlook for Windows jump only to <a name>, not to id= (caniemail)."""
+    sent = _sent(path)
+    targets = [a.get("href", "")[1:] for a in sent.doc.iter("a")
+               if a.get("href", "").startswith("#")]
+    names = {a.get("name") for a in sent.doc.iter("a") if a.get("name")}
+    assert targets and all(t in names for t in targets), set(targets) - names
