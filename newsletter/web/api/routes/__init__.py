@@ -1,0 +1,1 @@
+"""The API's routes by resource; each `*_routes(app)` function registers one group."""
