@@ -27,6 +27,10 @@ def make_engine(url: str) -> Engine:
     except ArgumentError:
         raise ConfigError("NEWSLETTER_DATABASE_URL", "not a database URL") from None
     kwargs: dict[str, Any] = {}
+    if parsed.drivername in ("postgresql", "postgres"):
+        # psycopg 3 is the driver we ship; SQLAlchemy's default for the bare scheme is
+        # psycopg2, which we do not depend on.
+        parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
