@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import email.parser
 import email.policy
+import glob
 import logging
 import re
 import secrets
@@ -23,7 +25,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from types import FrameType
@@ -32,9 +34,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
+from .content.parse import EDITION_FILE as _EDITION_FILE
 from .errors import ConfigError, ContentError, NewsletterError
 from .render.templates import builtin_templates_dir, render_template
-from .service import Newsletter
+from .service import BuildResult, Newsletter
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,13 @@ class Rendering:
     recipient: str = ""
     html_bytes: int = 0
     problem: Problem | None = None
+    language: str = ""
+    # The other language editions of a bilingual issue, by language (same version and time).
+    editions: dict[str, Rendering] = field(default_factory=dict)
+
+    def edition(self, language: str) -> Rendering:
+        """The edition in `language`, or this (the main) one."""
+        return self.editions.get(language, self)
 
     @property
     def clipped(self) -> bool:
@@ -145,7 +155,11 @@ class Preview:
         roots = [builtin_templates_dir()]
         if self.nl.settings.templates_dir is not None:
             roots.append(self.nl.settings.templates_dir)
-        files = [self.path]
+        # A bilingual issue's sibling edition files (issue.zh.md beside issue.en.md) too.
+        m = _EDITION_FILE.match(self.path.stem)
+        siblings = sorted(self.path.parent.glob(f"{glob.escape(m['base'])}.*{self.path.suffix}")) \
+            if m else []
+        files = [self.path, *(p for p in siblings if p != self.path)]
         for root in roots:
             with contextlib.suppress(OSError):
                 files += sorted(p for p in root.rglob("*") if p.is_file())
@@ -188,10 +202,9 @@ class Preview:
             # filled with a sample reader's values, editions, templates) the preview shows.
             with tempfile.TemporaryDirectory(prefix="newsletter-preview-") as tmp:
                 result = self.nl.build_files(self.path, Path(tmp))
-                html = result.html.read_text(encoding="utf-8")
-                text = result.text.read_text(encoding="utf-8")
-                head = email.parser.BytesHeaderParser(policy=email.policy.default) \
-                    .parsebytes(result.eml.read_bytes())
+                editions = {lang: self._read(version, now, lang, other)
+                            for lang, other in result.editions.items()}
+                main = self._read(version, now, "", result)
         except ContentError as exc:
             where = Path(exc.path) if exc.path else self.path
             return Rendering(version, now, problem=Problem(
@@ -205,9 +218,18 @@ class Preview:
             log.exception("preview of %s failed", self.path)
             summary = f"internal error: {type(exc).__name__}: {exc}"
             return Rendering(version, now, problem=Problem(summary=summary, message=summary))
-        return Rendering(version, now, html=html, text=text, subject=str(head["Subject"] or ""),
-                         sender=str(head["From"] or ""), recipient=str(head["To"] or ""),
-                         html_bytes=result.html_bytes)
+        return dataclasses.replace(main, editions=editions)
+
+    @staticmethod
+    def _read(version: int, now: dt.datetime, language: str, result: BuildResult) -> Rendering:
+        """One edition's files, as `issue build` wrote them."""
+        head = email.parser.BytesHeaderParser(policy=email.policy.default) \
+            .parsebytes(result.eml.read_bytes())
+        return Rendering(version, now, html=result.html.read_text(encoding="utf-8"),
+                         text=result.text.read_text(encoding="utf-8"),
+                         subject=str(head["Subject"] or ""), sender=str(head["From"] or ""),
+                         recipient=str(head["To"] or ""), html_bytes=result.html_bytes,
+                         language=language)
 
     # --- in the server's event loop ----------------------------------------------------------
 
@@ -292,22 +314,24 @@ def create_preview_app(preview: Preview) -> FastAPI:
     templates = preview.nl.templates
 
     @app.get("/", response_class=HTMLResponse)
-    def page(width: str = "desktop", scheme: str = "light") -> HTMLResponse:
+    def page(width: str = "desktop", scheme: str = "light", edition: str = "") -> HTMLResponse:
         # Unknown values fall back to the defaults: this is a viewer, not an API.
         width = width if width in WIDTHS else "desktop"
         scheme = scheme if scheme in SCHEMES else "light"
         nonce = secrets.token_urlsafe(16)
-        r = preview.current
+        main = preview.current
+        r = main.edition(edition)
         html = render_template(
             templates, "web/preview_page.html.j2", r=r, path=str(preview.path),
+            editions=list(main.editions), edition=r.language,
             file_name=preview.path.name, width=width, width_px=WIDTHS[width], widths=WIDTHS,
             scheme=scheme, schemes=SCHEMES, nonce=nonce, clip_kb=CLIP_BYTES // 1024,
             rendered_at=r.at.astimezone().strftime("%H:%M:%S"))
         return HTMLResponse(html, headers=_page_headers(nonce))
 
     @app.get("/email", response_class=HTMLResponse)
-    def email_html(scheme: str = "light") -> HTMLResponse:
-        r = preview.current
+    def email_html(scheme: str = "light", edition: str = "") -> HTMLResponse:
+        r = preview.current.edition(edition)
         if r.problem is not None:
             return HTMLResponse(f"<p>{escape(r.problem.summary)}</p>", status_code=409,
                                 headers=_EMAIL_HEADERS)
@@ -315,8 +339,8 @@ def create_preview_app(preview: Preview) -> FastAPI:
         return HTMLResponse(html, headers=_EMAIL_HEADERS)
 
     @app.get("/text", response_class=PlainTextResponse)
-    def text() -> PlainTextResponse:
-        r = preview.current
+    def text(edition: str = "") -> PlainTextResponse:
+        r = preview.current.edition(edition)
         if r.problem is not None:
             return PlainTextResponse(r.problem.summary + "\n", status_code=409,
                                      headers={"Cache-Control": "no-store"})

@@ -72,7 +72,7 @@ def test_the_page_shows_the_email_in_a_frame_beside_its_text(nl: Newsletter,
         assert "Digital Economy Brief No. 7" in page.text  # the subject, in the bar
         frame = re.search(r"<iframe[^>]*>", page.text)
         assert frame is not None
-        assert 'src="/email?scheme=light&amp;v=1"' in frame.group(0)
+        assert 'src="/email?scheme=light&amp;edition=&amp;v=1"' in frame.group(0)
         assert 'sandbox="allow-same-origin"' in frame.group(0)  # no scripts in the email
         assert f'width="{WIDTHS["desktop"]}"' in frame.group(0)
         assert '<pre id="text">' in page.text and "Digital services now account" in page.text
@@ -83,7 +83,7 @@ def test_the_page_shows_the_email_in_a_frame_beside_its_text(nl: Newsletter,
 
         phone = client.get("/?width=phone&scheme=dark").text
         assert f'width="{WIDTHS["phone"]}"' in phone and 'data-scheme="dark"' in phone
-        assert 'src="/email?scheme=dark&amp;v=1"' in phone
+        assert 'src="/email?scheme=dark&amp;edition=&amp;v=1"' in phone
         assert client.get("/?width=huge&scheme=<b>").status_code == 200  # defaults, no echo
 
         light = client.get("/email?scheme=light")
@@ -413,3 +413,23 @@ def test_the_page_reloads_after_a_save_and_shows_errors_until_fixed(
     email_frame.get_by_text("Freshly Saved Title").first.wait_for(timeout=15_000)
     assert page.locator("#problem").count() == 0
     page.close()
+
+
+def test_a_bilingual_issue_previews_every_edition(tmp_path: Path) -> None:
+    en = tmp_path / "brief.en.md"
+    en.write_text("---\ntitle: Trade Notes\ndate: 2026-12-01\nnumber: 3\n---\n"
+                  "# Markets\n## Ports get busier\nContainer volumes rose.\n", encoding="utf-8")
+    zh = tmp_path / "brief.zh.md"
+    zh.write_text("---\ntitle: 贸易简报\ndate: 2026-12-01\nnumber: 3\n---\n"
+                  "# 市场\n## 港口更繁忙\n集装箱吞吐量上升。\n", encoding="utf-8")
+    preview = Preview(Newsletter(make_settings(tmp_path)), en)
+    assert zh in preview.watched()  # saving the other edition reloads too
+    with TestClient(create_preview_app(preview)) as client:
+        main = client.get("/").text
+        assert "Trade Notes" in main and 'hreflang="zh"' in main
+        page = client.get("/?edition=zh&width=phone").text
+        assert "贸易简报" in page and 'aria-current="page">zh<' in page
+        assert 'src="/email?scheme=light&amp;edition=zh&amp;v=1"' in page
+        assert "贸易简报" in client.get("/email?edition=zh").text
+        assert "集装箱吞吐量上升" in client.get("/text?edition=zh").text
+        assert "Trade Notes" in client.get("/text?edition=xx").text  # unknown: the main one

@@ -38,7 +38,7 @@ _Loader.yaml_implicit_resolvers = {
 
 
 # issue.en.md, issue.zh.md: one issue's editions in sibling files named NAME.LANG.SUFFIX.
-_EDITION_FILE = re.compile(r"^(?P<base>.+)\.(?P<lang>[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*)$")
+EDITION_FILE = re.compile(r"^(?P<base>.+)\.(?P<lang>[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*)$")
 
 
 def load_issue(path: str | Path) -> Issue:
@@ -49,7 +49,7 @@ def load_issue(path: str | Path) -> Issue:
     same issue (date and number)."""
     path = Path(path)
     issue = _load_one(path)
-    m = _EDITION_FILE.match(path.stem)
+    m = EDITION_FILE.match(path.stem)
     if m is None:
         return issue
     lang = m["lang"].lower()
@@ -62,7 +62,7 @@ def load_issue(path: str | Path) -> Issue:
     translations = dict(issue.translations)
     keys = {lang: issue.key}
     for sibling in sorted(path.parent.glob(f"{glob.escape(m['base'])}.*{path.suffix}")):
-        other = _EDITION_FILE.match(sibling.stem)
+        other = EDITION_FILE.match(sibling.stem)
         if sibling == path or other is None or other["base"] != m["base"]:
             continue
         edition = _load_one(sibling)
