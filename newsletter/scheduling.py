@@ -1,8 +1,9 @@
 """Scheduled sends on APScheduler 3: one-off issues at a time, recurring digests on a cron.
 
 Jobs persist in APScheduler's SQLAlchemy job store in the same database, so they survive
-restarts. Only one process fires them: the holder of the 'scheduler' lease (a row in
-`locks`, renewed every few seconds); the others wait to take over. A firing first records
+restarts. Only one process per database fires them: the holder of the scheduler's lock
+(store.schedules.scheduler_lock: a PostgreSQL advisory lock, or on SQLite a lease row in
+`locks` renewed every tick); the others wait to take over. A firing first records
 a row unique on (schedule, fire time), so even a job that fires twice for the same time
 sends once. Recipients are resolved when the send starts, not when it was scheduled.
 """
@@ -36,7 +37,7 @@ from apscheduler.triggers.date import DateTrigger
 from .content.parse import load_issue
 from .delivery.engine import runner_name
 from .errors import ConfigError, ConflictError
-from .store.schedules import Schedule, ScheduleStore
+from .store.schedules import Schedule, SchedulerLock, ScheduleStore, scheduler_lock
 from .store.schema import CampaignStatus
 
 if TYPE_CHECKING:
@@ -223,8 +224,9 @@ class Schedules:
 
 
 class Scheduler:
-    """The process that fires jobs, while it holds the lease; start it from the web app's
-    lifespan or from `newsletter scheduler`."""
+    """The process that fires jobs, while it holds the scheduler's lock; start it from the
+    web app's lifespan or from `newsletter scheduler`. `lease` is the SQLite lease's length
+    (on PostgreSQL, how long the `locks` row's expires_at runs ahead)."""
 
     def __init__(self, nl: Newsletter, *, lease: float = 15.0, tick: float = 1.0,
                  sweep: float = 30.0,
@@ -232,11 +234,13 @@ class Scheduler:
         self.nl = nl
         self.store = ScheduleStore(nl.store.engine)
         self.lease = lease
-        self.tick = tick          # how often to renew the lease and re-read the job store
+        self.tick = tick          # how often to check the lock and re-read the job store
         self.sweep = sweep        # how often to look for campaigns with retries due
         self._last_sweep = 0.0
         self._resuming: dict[int, asyncio.Task[None]] = {}
         self.holder = runner_name() + f":{id(self):x}"
+        self.lock: SchedulerLock = scheduler_lock(nl.store.engine, LOCK, self.holder,
+                                                  lease=lease)
         self.on_fired = on_fired
         self.scheduler: AsyncIOScheduler | None = None
         self._task: asyncio.Task[None] | None = None
@@ -269,17 +273,18 @@ class Scheduler:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
         with contextlib.suppress(Exception):
-            self.store.release_lock(LOCK, self.holder)
+            self.lock.release()
 
     async def _keep(self) -> None:
-        """Hold the lease (or wait for it), and wake the scheduler up every tick so jobs
-        added or changed by other processes are seen at once."""
+        """Hold the lock (or wait for it), and wake the scheduler up every tick so jobs
+        added or changed by other processes are seen at once. The holder re-checks the lock
+        every tick and stops firing as soon as it is gone."""
         global _ACTIVE
         while True:
             try:
-                have = self.store.take_lock(LOCK, self.holder, lease=self.lease)
+                have = self.lock.held() if self.scheduler is not None else self.lock.acquire()
             except Exception as exc:  # a busy database: keep what we have, try again
-                log.warning("scheduler lease check failed: %s", exc)
+                log.warning("scheduler lock check failed: %s", exc)
                 have = self.scheduler is not None
             if have and self.scheduler is None:
                 _ACTIVE = self
@@ -289,9 +294,9 @@ class Scheduler:
                 self.scheduler.add_listener(self._missed, EVENT_JOB_MISSED)
                 self.scheduler.add_listener(self._submitted, EVENT_JOB_SUBMITTED)
                 self.scheduler.start()
-                log.info("scheduler %s holds the lease and fires jobs", self.holder)
+                log.info("scheduler %s holds the lock and fires jobs", self.holder)
             elif not have and self.scheduler is not None:
-                log.warning("scheduler %s lost the lease; another process fires jobs now",
+                log.warning("scheduler %s lost the lock; another process fires jobs now",
                             self.holder)
                 self.scheduler.shutdown(wait=False)
                 self.scheduler = None
@@ -303,7 +308,7 @@ class Scheduler:
             await asyncio.sleep(self.tick)
 
     def _resume_due(self) -> None:
-        """Retries with backoff need someone to run them when they fall due: the lease
+        """Retries with backoff need someone to run them when they fall due: the lock
         holder does, for campaigns no process is sending."""
         try:
             due = self.nl.store.campaigns_due()

@@ -1,16 +1,38 @@
-"""Schedules, their runs and the scheduler's lease, on SQLAlchemy Core (SQLite and PostgreSQL)."""
+"""Schedules, their runs and the scheduler's lock, on SQLAlchemy Core (SQLite and PostgreSQL).
+
+The scheduler's lock (one process per database fires jobs) is a SchedulerLock: on SQLite a
+lease row in `locks`, on PostgreSQL a session-level advisory lock (PostgresAdvisoryLock, the
+one place with PostgreSQL-specific SQL here); scheduler_lock() picks one by dialect.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
+import logging
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Engine, Row, delete, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    create_engine,
+    delete,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import NullPool
 
 from ..errors import NotFoundError
 from .schema import CampaignStatus, campaigns, locks, schedule_runs, schedules
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> dt.datetime:
@@ -147,6 +169,177 @@ class ScheduleStore:
     def release_lock(self, name: str, holder: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(delete(locks).where(locks.c.name == name, locks.c.holder == holder))
+
+    def show_holder(self, name: str, holder: str, *, lease: float) -> None:
+        """Write `holder` into the `locks` row whatever it says now: for a lock whose
+        exclusion lives elsewhere (the PostgreSQL advisory lock), so people can see who
+        holds it. expires_at says when it was last confirmed plus `lease`."""
+        expires = utcnow() + dt.timedelta(seconds=lease)
+        with self.engine.begin() as conn:
+            if conn.execute(update(locks).where(locks.c.name == name)
+                            .values(holder=holder, expires_at=expires)).rowcount:
+                return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(locks).values(name=name, holder=holder, expires_at=expires))
+        except IntegrityError:  # written meanwhile (a holder that just lost it): next time
+            pass
+
+
+# --- the scheduler's lock --------------------------------------------------------------------
+
+class SchedulerLock(Protocol):
+    """Who may fire jobs. The scheduler calls acquire() each tick while it waits, held()
+    each tick while it fires (False: stop firing now), release() when it stops."""
+
+    def acquire(self) -> bool: ...
+
+    def held(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class LeaseLock:
+    """A lease row in `locks`, renewed on every held(): it lapses `lease` seconds after the
+    holder stops renewing. For SQLite, where every process is on one machine; it relies on
+    the clocks of the processes agreeing."""
+
+    def __init__(self, engine: Engine, name: str, holder: str, *, lease: float) -> None:
+        self.store = ScheduleStore(engine)
+        self.name, self.holder, self.lease = name, holder, lease
+
+    def acquire(self) -> bool:
+        return self.store.take_lock(self.name, self.holder, lease=self.lease)
+
+    def held(self) -> bool:
+        return self.store.take_lock(self.name, self.holder, lease=self.lease)
+
+    def release(self) -> None:
+        self.store.release_lock(self.name, self.holder)
+
+
+def advisory_key(name: str) -> int:
+    """A fixed signed 64-bit key for pg_advisory_lock(bigint): the first 8 bytes of
+    sha256(name)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+SCHEDULER_ADVISORY_KEY = advisory_key("newsletter.scheduler")
+
+# PostgreSQL's advisory lock functions, all on the lock's own connection. A bigint key shows
+# in pg_locks as classid (high 32 bits), objid (low 32 bits) and objsubid 1.
+PG_TRY_LOCK = text("SELECT pg_try_advisory_lock(:key)")
+PG_UNLOCK = text("SELECT pg_advisory_unlock(:key)")
+PG_HELD = text(
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND pid = pg_backend_pid() AND objsubid = 1"
+    " AND classid = CAST(:classid AS bigint)::oid AND objid = CAST(:objid AS bigint)::oid")
+# The server drops the session of a holder whose machine vanished (no FIN) within about
+# 10 + 3 * 5 s, so its lock does not outlive it by hours of TCP timeouts.
+PG_KEEPALIVES = text("SELECT set_config('tcp_keepalives_idle', '10', false),"
+                     " set_config('tcp_keepalives_interval', '5', false),"
+                     " set_config('tcp_keepalives_count', '3', false)")
+
+
+class PostgresAdvisoryLock:
+    """A session-level advisory lock (pg_try_advisory_lock) on a dedicated connection that
+    the holder keeps open while it runs. PostgreSQL grants it to one session at a time and
+    releases it the moment that session ends, so a holder that dies (kill -9, a crash, its
+    connection terminated) frees it at once, and clocks play no part.
+
+    The connection is outside the application's pool (NullPool, autocommit): a pooled
+    connection returned with the lock still held would hand it to whoever used it next.
+    held() asks the server whether this session still holds the key; a failed query means
+    the session is gone (and with it the lock). The `locks` row is kept up to date for
+    people to see who holds it (`show_holder`); nothing relies on it."""
+
+    def __init__(self, engine: Engine, name: str, holder: str, *, key: int,
+                 lease: float = 15.0) -> None:
+        self.name, self.holder, self.key, self.lease = name, holder, key, lease
+        self.store = ScheduleStore(engine)
+        unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+        self._ids = {"classid": unsigned >> 32, "objid": unsigned & 0xFFFF_FFFF}
+        self._engine = create_engine(
+            engine.url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+            connect_args={"application_name": f"newsletter scheduler {holder}"[:63],
+                          "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+                          "keepalives_interval": 5, "keepalives_count": 3})
+        self._conn: Connection | None = None
+        self._have = False
+        self._shown = 0.0
+        self.pid: int | None = None   # the lock session's server process, once connected
+
+    def acquire(self) -> bool:
+        if self._have:
+            return self.held()
+        if self._conn is None:
+            conn = self._engine.connect()
+            try:
+                conn.execute(PG_KEEPALIVES)
+                self.pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            except Exception:
+                conn.close()
+                raise
+            self._conn = conn
+        try:
+            self._have = bool(self._conn.execute(PG_TRY_LOCK, {"key": self.key}).scalar_one())
+        except Exception:
+            self._drop()
+            raise
+        if self._have:
+            self._show()
+        return self._have
+
+    def held(self) -> bool:
+        if not self._have or self._conn is None:
+            return False
+        try:
+            self._have = bool(self._conn.execute(PG_HELD, self._ids).scalar_one())
+        except Exception as exc:
+            log.warning("the scheduler's lock connection failed (%s): the lock is gone",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._drop()
+            return False
+        if self._have:
+            self._show()
+        return self._have
+
+    def release(self) -> None:
+        if self._conn is not None and self._have:
+            with contextlib.suppress(Exception):  # else the session is gone, and the lock
+                self._conn.execute(PG_UNLOCK, {"key": self.key})
+            with contextlib.suppress(Exception):
+                self.store.release_lock(self.name, self.holder)
+        self._drop()
+        self._engine.dispose()
+
+    def _drop(self) -> None:
+        """Close the lock's connection (ending the session releases the lock)."""
+        self._have, self._shown = False, 0.0
+        conn, self._conn, self.pid = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _show(self) -> None:
+        """Write who holds the lock into `locks`, every lease/3 seconds at most."""
+        if time.monotonic() - self._shown < self.lease / 3:
+            return
+        self._shown = time.monotonic()
+        try:
+            self.store.show_holder(self.name, self.holder, lease=self.lease)
+        except Exception as exc:  # visibility only
+            log.warning("could not record the scheduler's holder: %s", exc)
+
+
+def scheduler_lock(engine: Engine, name: str, holder: str, *,
+                   lease: float = 15.0) -> SchedulerLock:
+    """The lock for the engine's database: an advisory lock on PostgreSQL, a lease row on
+    SQLite."""
+    if engine.dialect.name == "postgresql":
+        return PostgresAdvisoryLock(engine, name, holder, key=SCHEDULER_ADVISORY_KEY,
+                                    lease=lease)
+    return LeaseLock(engine, name, holder, lease=lease)
 
 
 def _schedule(r: Row[Any]) -> Schedule:
