@@ -1,16 +1,22 @@
-"""Shared fixtures: a real SMTP server, a fresh SQLite workspace, the sample files."""
+"""Shared fixtures: a real SMTP server, a fresh workspace (on SQLite, or on PostgreSQL for the
+modules that opt into `db_backend`), the sample files."""
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
 
 from newsletter.service import Newsletter
 from newsletter.settings import Settings, load_settings
+from newsletter.store import db as store_db
 from newsletter.store.sql import NewMember
 
 from .smtpd import SmtpTestServer
@@ -21,6 +27,13 @@ SAMPLE_YAML = ROOT / "examples" / "issues" / "sample.yaml"
 SAMPLE_ZH = ROOT / "examples" / "issues" / "sample-zh.md"
 SAMPLE_CSV = ROOT / "subscribers" / "sample.csv"
 SECRET = "test-secret-key-not-for-production"
+POSTGRES_SERVER = os.environ.get("NEWSLETTER_TEST_POSTGRES_URL", "")
+NO_POSTGRES = ("NEWSLETTER_TEST_POSTGRES_URL is not set (e.g. "
+               "postgresql://postgres@127.0.0.1:5432/test); .ci/run sets it")
+
+# The database of the running test when it is not the default SQLite file: set by db_backend,
+# read by make_settings (tests run one at a time).
+_database_url: str | None = None
 
 
 @pytest.fixture(autouse=True)
@@ -38,10 +51,80 @@ def smtpd() -> Iterator[SmtpTestServer]:
         yield server
 
 
+@contextmanager
+def postgres_database(opened: list[Engine] | None = None) -> Iterator[str]:
+    """A fresh, empty database on the NEWSLETTER_TEST_POSTGRES_URL server, dropped afterwards.
+
+    Yields its URL with the plain scheme, as a user would write it (the app picks psycopg).
+    Every engine the program makes meanwhile is kept and disposed before the drop: a pooled
+    psycopg connection that is garbage-collected open warns, and the suite turns warnings
+    into errors."""
+    if not POSTGRES_SERVER:
+        pytest.skip(NO_POSTGRES)
+    admin_url = make_url(POSTGRES_SERVER).set(drivername="postgresql+psycopg")
+    name = f"nl_test_{secrets.token_hex(6)}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    engines: list[Engine] = [] if opened is None else opened
+
+    def keep(*args: Any, **kwargs: Any) -> Engine:
+        engine = create_engine(*args, **kwargs)
+        engines.append(engine)
+        return engine
+
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(store_db, "create_engine", keep)
+                yield admin_url.set(drivername="postgresql", database=name) \
+                    .render_as_string(hide_password=False)
+        finally:
+            for engine in engines:
+                engine.dispose()
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Modules opt in with `pytestmark = pytest.mark.usefixtures("db_backend")`; a test marked
+    # sqlite_only (with its reason) runs on SQLite alone.
+    if "db_backend" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("sqlite_only")
+        metafunc.parametrize("db_backend", ["sqlite"] if only else ["sqlite", "postgresql"],
+                             indirect=True)
+
+
+@pytest.fixture
+def db_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The database the test's make_settings (and so settings/nl) uses: "sqlite" (a file
+    under tmp_path) or "postgresql" (a fresh database on NEWSLETTER_TEST_POSTGRES_URL)."""
+    global _database_url
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    engines: list[Engine] = []
+    with postgres_database(engines) as url:
+        _database_url = url
+        try:
+            yield "postgresql"
+        finally:
+            _database_url = None
+    # A test that runs twice must use the database the second time too.
+    assert engines, "the test never opened its PostgreSQL database: mark it sqlite_only"
+
+
+def database_url(tmp_path: Path) -> str:
+    """The URL make_settings(tmp_path) uses for the running test's backend."""
+    return _database_url or f"sqlite:///{tmp_path / 'var' / 'test.db'}"
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "var_dir": tmp_path / "var",
-        "database_url": f"sqlite:///{tmp_path / 'var' / 'test.db'}",
+        "database_url": database_url(tmp_path),
         "base_url": "https://news.example.org",
         "secret_key": SECRET,
         "from_address": "Digest Desk <digest@example.org>",

@@ -14,15 +14,18 @@ from newsletter.service import Newsletter
 from newsletter.settings import load_settings
 from newsletter.store import suppression
 
-from .conftest import SAMPLE_MD, SECRET
+from .conftest import SAMPLE_MD, SECRET, database_url
 from .smtpd import SmtpTestServer
+
+# The store and delivery suite runs on SQLite and on PostgreSQL (conftest.db_backend).
+pytestmark = pytest.mark.usefixtures("db_backend")
 
 runner = CliRunner()
 
 
 @pytest.fixture
 def env(tmp_path: Path, smtpd: SmtpTestServer, monkeypatch: pytest.MonkeyPatch) -> SmtpTestServer:
-    monkeypatch.setenv("NEWSLETTER_DATABASE_URL", f"sqlite:///{tmp_path / 'admin.db'}")
+    monkeypatch.setenv("NEWSLETTER_DATABASE_URL", database_url(tmp_path))
     monkeypatch.setenv("NEWSLETTER_SMTP_URL", smtpd.url)
     monkeypatch.setenv("NEWSLETTER_SECRET_KEY", SECRET)
     monkeypatch.setenv("NEWSLETTER_BASE_URL", "https://news.example.org")

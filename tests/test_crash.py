@@ -15,9 +15,12 @@ from newsletter.content.parse import load_issue
 from newsletter.service import Newsletter
 from newsletter.store.schema import DeliveryStatus
 
-from .conftest import SECRET, add_subscribers, make_settings
+from .conftest import SECRET, add_subscribers, database_url, make_settings
 from .smtpd import SmtpTestServer
 from .test_content import MD
+
+# The store and delivery suite runs on SQLite and on PostgreSQL (conftest.db_backend).
+pytestmark = pytest.mark.usefixtures("db_backend")
 
 CONCURRENCY = 4
 
@@ -25,7 +28,7 @@ CONCURRENCY = 4
 def _env(tmp_path: Path, smtpd: SmtpTestServer) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
     env.update({
-        "NEWSLETTER_DATABASE_URL": f"sqlite:///{tmp_path / 'var' / 'test.db'}",
+        "NEWSLETTER_DATABASE_URL": database_url(tmp_path),
         "NEWSLETTER_VAR_DIR": str(tmp_path / "var"),
         "NEWSLETTER_SMTP_URL": smtpd.url,
         "NEWSLETTER_SECRET_KEY": SECRET,

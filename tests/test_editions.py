@@ -20,6 +20,9 @@ from newsletter.web.app import create_app
 
 from .smtpd import SmtpTestServer
 
+# The store and delivery suite runs on SQLite and on PostgreSQL (conftest.db_backend).
+pytestmark = pytest.mark.usefixtures("db_backend")
+
 EN = """---
 title: Trade Notes
 date: 2026-12-01
@@ -54,6 +57,7 @@ def issue(tmp_path: Path) -> Path:
     return tmp_path / "trade.en.md"
 
 
+@pytest.mark.sqlite_only(reason="no database involved")
 def test_sibling_files_are_one_issue_whichever_is_named(issue: Path) -> None:
     en = load_issue(issue)
     zh = load_issue(issue.with_name("trade.zh.md"))
@@ -66,6 +70,7 @@ def test_sibling_files_are_one_issue_whichever_is_named(issue: Path) -> None:
     assert {e.key for e in editions.values()} == {"trade-notes-no-3"}
 
 
+@pytest.mark.sqlite_only(reason="no database involved")
 def test_editions_must_agree_and_name_real_languages(issue: Path) -> None:
     issue.with_name("trade.zh.md").write_text(ZH.replace("number: 3", "number: 4"),
                                               encoding="utf-8")
@@ -168,6 +173,7 @@ def test_a_scheduled_bilingual_issue_is_re_rendered_with_all_editions(
     assert list(editions) == ["zh"] and editions["zh"]["subject"] == "贸易简报 第三期"
 
 
+@pytest.mark.sqlite_only(reason="no database involved")
 def test_issue_build_writes_every_edition(nl: Newsletter, issue: Path, tmp_path: Path) -> None:
     result = nl.build_files(issue, tmp_path / "build")
     assert result.html.name == "issue.html" and "Trade Notes" in result.html.read_text("utf-8")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from newsletter.delivery.engine import Engine
 from newsletter.delivery.fake import FakeRelay
 from newsletter.errors import (
@@ -20,6 +22,9 @@ from newsletter.store.schema import DeliveryStatus
 
 from .conftest import add_subscribers, make_settings
 from .test_content import MD
+
+# The store and delivery suite runs on SQLite and on PostgreSQL (conftest.db_backend).
+pytestmark = pytest.mark.usefixtures("db_backend")
 
 
 def _run(tmp_path: Path, relay: FakeRelay, n: int, **engine_kw: object):  # type: ignore[no-untyped-def]

@@ -43,7 +43,10 @@ from newsletter.store.schema import (
 )
 from newsletter.store.sql import NewMember
 
-from .conftest import SAMPLE_CSV, SECRET, make_settings
+from .conftest import SAMPLE_CSV, SECRET, database_url, make_settings
+
+# The store and delivery suite runs on SQLite and on PostgreSQL (conftest.db_backend).
+pytestmark = pytest.mark.usefixtures("db_backend")
 
 ACTIVE, PENDING = MembershipStatus.ACTIVE, MembershipStatus.PENDING
 UNSUBSCRIBED, BOUNCED = MembershipStatus.UNSUBSCRIBED, MembershipStatus.BOUNCED
@@ -231,6 +234,7 @@ def test_encodings_are_detected(app: Newsletter, tmp_path: Path, encoding: str,
     assert members["li@example.com"] == ("李雷，韩梅梅", ACTIVE, {"org": "研究所"})
 
 
+@pytest.mark.sqlite_only(reason="no database involved")
 def test_encoding_detection_looks_past_ascii_and_to_the_last_byte() -> None:
     ascii_rows = b"email,name\n" + b"someone@example.com,Some One\n" * 60_000  # > 1 MiB
     for tail, want in [("li@example.com,李雷\n", "gb18030"), ("li@example.com,李雷", "gb18030"),
@@ -535,6 +539,8 @@ def _vm_kib(field_name: str) -> int | None:
 
 
 @pytest.mark.slow
+@pytest.mark.sqlite_only(reason="the same importer code as the PostgreSQL tests, at a size "
+                         "that would add minutes to the suite")
 def test_a_million_rows_import_exactly_with_flat_memory(app: Newsletter, tmp_path: Path) -> None:
     lid = app.store.create_list("big").id
     for start in range(0, PRE, 1000):
@@ -747,6 +753,7 @@ def _oracle(raw: str) -> str | None:
         return None
 
 
+@pytest.mark.sqlite_only(reason="no database involved")
 @settings(max_examples=1000, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(_address_like(), st.emails(), st.text(alphabet=ATEXT + "@", max_size=40)))
@@ -768,6 +775,7 @@ def _safe_normalize(raw: str) -> str | None:
         return None
 
 
+@pytest.mark.sqlite_only(reason="no database involved")
 def test_plain_addresses_take_the_fast_path() -> None:
     for raw, want in [("user@example.com", "user@example.com"),
                       ("Ana.Lopez+news@Mail.Example.ORG", "Ana.Lopez+news@mail.example.org"),
@@ -815,7 +823,7 @@ def test_export_streams_members_as_csv_and_jsonl(app: Newsletter, tmp_path: Path
 
 @pytest.fixture
 def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.setenv("NEWSLETTER_DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.setenv("NEWSLETTER_DATABASE_URL", database_url(tmp_path))
     monkeypatch.setenv("NEWSLETTER_SECRET_KEY", SECRET)
     runner = CliRunner()
     result = runner.invoke(cli_app, ["lists", "create", "digest"])

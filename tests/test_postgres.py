@@ -5,44 +5,24 @@ gets a fresh database, dropped afterwards."""
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from newsletter.admin import Admin
 from newsletter.service import Newsletter
 from newsletter.store.imports import import_csv
 from newsletter.store.sql import NewMember
 
-from .conftest import SAMPLE_MD, make_settings
+from .conftest import SAMPLE_MD, make_settings, postgres_database
 from .smtpd import SmtpTestServer
-
-SERVER = os.environ.get("NEWSLETTER_TEST_POSTGRES_URL", "")
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    if not SERVER:
-        pytest.skip("NEWSLETTER_TEST_POSTGRES_URL is not set (e.g. "
-                    "postgresql://postgres@127.0.0.1:5432/test); .ci/run sets it")
-    admin_url = make_url(SERVER).set(drivername="postgresql+psycopg")
-    name = f"nl_test_{secrets.token_hex(6)}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        # The plain scheme, as a user would write it: the app picks psycopg itself.
-        yield admin_url.set(drivername="postgresql", database=name) \
-            .render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

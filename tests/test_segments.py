@@ -47,7 +47,7 @@ from newsletter.store.db import make_engine, migrate
 from newsletter.store.schema import MembershipStatus, lists, memberships, subscribers
 from newsletter.store.sql import NewMember, SqlStore
 
-from .conftest import make_settings
+from .conftest import database_url, make_settings
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 UTC = dt.UTC
@@ -332,8 +332,10 @@ class Sample:
         return {names[sid] for sid, _ in got}
 
 
+# The database tests below run on SQLite and on PostgreSQL: their fixtures take db_backend.
+
 @pytest.fixture
-def sample(tmp_path: Path) -> Sample:
+def sample(tmp_path: Path, db_backend: str) -> Sample:
     return Sample(Newsletter(make_settings(tmp_path)).store)
 
 
@@ -594,9 +596,9 @@ def test_generated_trees_round_trip_through_text(flt: seg.Filter) -> None:
 Population = tuple[Engine, list[tuple[int, int, dict[str, Any], dict[str, Any], set[str]]]]
 
 
-def _populate(path: Path) -> Engine:
+def _populate(url: str) -> Engine:
     """Sixty generated subscribers on three lists (always the same: a fixed seed)."""
-    engine = make_engine(f"sqlite:///{path}")
+    engine = make_engine(url)
     migrate(engine)
     store = SqlStore(engine)
     rng = random.Random(20260301)
@@ -623,10 +625,11 @@ def _populate(path: Path) -> Engine:
     return engine
 
 
-@pytest.fixture(scope="module")
-def population(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Population]:
-    """The generated database, built once for the cross-checks below."""
-    engine = _populate(tmp_path_factory.mktemp("segments") / "population.db")
+@pytest.fixture
+def population(tmp_path: Path, db_backend: str) -> Iterator[Population]:
+    """The generated database, built once per test (on its db_backend) for the cross-checks
+    below."""
+    engine = _populate(database_url(tmp_path))
     yield engine, _load_rows(engine)
     engine.dispose()
 

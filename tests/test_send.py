@@ -19,6 +19,9 @@ from .conftest import add_subscribers, make_settings
 from .smtpd import Rule, SmtpTestServer
 from .test_content import MD
 
+# The store and delivery suite runs on SQLite and on PostgreSQL (conftest.db_backend).
+pytestmark = pytest.mark.usefixtures("db_backend")
+
 
 @pytest.fixture
 def issue(tmp_path: Path) -> Path:

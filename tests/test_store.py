@@ -13,20 +13,33 @@ from newsletter.store.db import make_engine, migrate
 from newsletter.store.schema import metadata
 from newsletter.store.sql import SqlStore
 
+from .conftest import database_url
+
+# The store and delivery suite runs on SQLite and on PostgreSQL (conftest.db_backend).
+pytestmark = pytest.mark.usefixtures("db_backend")
+
 
 def test_migrations_create_exactly_the_declared_schema(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    engine = make_engine(database_url(tmp_path))
     migrate(engine)
     migrate(engine)  # a second time is a no-op
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
-        mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+    engine.dispose()
     assert diff == []
-    assert mode == "wal"
+
+
+@pytest.mark.sqlite_only(reason="WAL is a SQLite journal mode")
+def test_sqlite_files_use_wal(tmp_path: Path) -> None:
+    engine = make_engine(database_url(tmp_path))
+    migrate(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
 
 
 def test_only_one_live_run_can_claim_a_campaign(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    engine = make_engine(database_url(tmp_path))
     migrate(engine)
     store = SqlStore(engine)
     mlist = store.create_list("news")
@@ -41,7 +54,7 @@ def test_only_one_live_run_can_claim_a_campaign(tmp_path: Path) -> None:
 
 
 def test_list_slugs_and_names_are_checked(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'l.db'}")
+    engine = make_engine(database_url(tmp_path))
     migrate(engine)
     store = SqlStore(engine)
     store.create_list("news")
@@ -53,6 +66,7 @@ def test_list_slugs_and_names_are_checked(tmp_path: Path) -> None:
         store.create_list("ok", name="Evil\r\nBcc: x@y.z")
 
 
+@pytest.mark.sqlite_only(reason="no database involved")
 def test_the_head_revision_constant_matches_alembic() -> None:
     from alembic.script import ScriptDirectory
 
