@@ -9,7 +9,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -18,8 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, text
 
 from newsletter.scheduling import Scheduler, Schedules
 from newsletter.service import Newsletter
@@ -31,31 +29,17 @@ from newsletter.store.schedules import (
     scheduler_lock,
 )
 
-from .conftest import SECRET, add_subscribers, make_settings
+from .conftest import SECRET, add_subscribers, make_settings, postgres_database
 from .smtpd import SmtpTestServer
 from .test_content import MD
 
-SERVER = os.environ.get("NEWSLETTER_TEST_POSTGRES_URL", "")
 TICK = 0.1
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    if not SERVER:
-        pytest.skip("NEWSLETTER_TEST_POSTGRES_URL is not set (e.g. "
-                    "postgresql://postgres@127.0.0.1:5432/test); .ci/run sets it")
-    admin_url = make_url(SERVER).set(drivername="postgresql+psycopg")
-    name = f"nl_test_{secrets.token_hex(6)}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.set(drivername="postgresql", database=name) \
-            .render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
