@@ -29,11 +29,11 @@ from .store.imports import normalize_email
 from .store.schema import MembershipStatus, SuppressionKind, SuppressionReason
 from .store.sql import SLUG_RE, NewMember
 from .store.suppression import Suppression
+from .subscriptions import SUPPORTED_LANGUAGES
 
 if TYPE_CHECKING:
     from .service import Newsletter
 
-LANGUAGES = ("en", "zh")
 SEGMENT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -100,8 +100,9 @@ def check_zone(zone: str, field: str = "zone") -> str:
 
 
 def check_language(language: str, field: str = "language") -> str:
-    if language not in LANGUAGES:
-        raise InvalidError(field, f"must be one of {', '.join(LANGUAGES)}, not {language!r}")
+    if language not in SUPPORTED_LANGUAGES:
+        raise InvalidError(field, f"must be one of {', '.join(SUPPORTED_LANGUAGES)}, "
+                           f"not {language!r}")
     return language
 
 
@@ -385,15 +386,6 @@ class Admin:
     def delete_segment(self, name: str) -> None:
         directory.delete_segment(self.engine, name)
         self.audit("segment.delete", name)
-
-    def resolve_filter(self, names_or_filter: Sequence[str]) -> str | None:
-        """One filter text for several segments (any of them: or) — None for none."""
-        texts = []
-        for item in names_or_filter:
-            texts.append(directory.get_segment(self.engine, item).filter)
-        if not texts:
-            return None
-        return texts[0] if len(texts) == 1 else " or ".join(f"({t})" for t in texts)
 
     def count(self, filter_text: str, *, lists: Sequence[str] = (),
               active_only: bool = True) -> int:

@@ -35,14 +35,13 @@ from . import __version__
 from .admin import Admin, cli_actor
 from .delivery.engine import Progress as SendProgress
 from .delivery.engine import RunReport
-from .errors import ConflictError, FilterSyntaxError, NewsletterError
+from .errors import FilterSyntaxError, NewsletterError
 from .render.templates import render_template
 from .service import Newsletter, SendPlan, send_runner
 from .settings import Settings, load_settings
 from .store.base import DeliveryCounts
 from .store.imports import ImportReport, import_csv
 from .store.schema import CampaignStatus, DeliveryStatus, MembershipStatus
-from .subscriptions import SUPPORTED_LANGUAGES
 from .web.labels import labels as web_labels
 
 # soft_wrap: an error stays one line however narrow the terminal, so scripts can grep it.
@@ -164,8 +163,6 @@ def lists_create(
     = None,
 ) -> None:
     """Create a subscriber list."""
-    if language not in SUPPORTED_LANGUAGES:
-        raise ConflictError(f"--language must be one of {', '.join(SUPPORTED_LANGUAGES)}")
     mlist = Admin(_state.app, cli_actor()).create_list(
         slug, name=name, description=description, double_opt_in=double_opt_in, public=public,
         language=language, welcome=welcome, zone=zone)
