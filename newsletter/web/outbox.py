@@ -392,30 +392,29 @@ def mount_outbox(app: FastAPI, web: WebApp) -> None:
                     has_html=_part(msg, "html") is not None, text=_part(msg, "plain"),
                     dkim="DKIM-Signature" in msg)
 
-    @app.get("/outbox/{key}/html", include_in_schema=False)
-    def message_html(key: str, request: Request) -> Response:
+    def gated_part(request: Request, key: str, subtype: str, what: str) -> Response | str:
+        """One part of a captured message for an admin, or the response saying why not."""
         who = gate.admin(request)
         if isinstance(who, Response):
             return who
         msg = _message_or_404(key)
         if isinstance(msg, Response):
             return msg
-        html = _part(msg, "html")
-        if html is None:
-            return _plain(404, "this message has no HTML part")
+        part = _part(msg, subtype)
+        return _plain(404, f"this message has no {what} part") if part is None else part
+
+    @app.get("/outbox/{key}/html", include_in_schema=False)
+    def message_html(key: str, request: Request) -> Response:
+        html = gated_part(request, key, "html", "HTML")
+        if isinstance(html, Response):
+            return html
         return HTMLResponse(html, headers=_MAIL_HEADERS)
 
     @app.get("/outbox/{key}/text", include_in_schema=False)
     def message_text(key: str, request: Request) -> Response:
-        who = gate.admin(request)
-        if isinstance(who, Response):
-            return who
-        msg = _message_or_404(key)
-        if isinstance(msg, Response):
-            return msg
-        text = _part(msg, "plain")
-        if text is None:
-            return _plain(404, "this message has no text part")
+        text = gated_part(request, key, "plain", "text")
+        if isinstance(text, Response):
+            return text
         return Response(text, media_type="text/plain; charset=utf-8", headers=_TEXT_HEADERS)
 
     @app.get("/outbox/{key}/raw", include_in_schema=False)
