@@ -52,6 +52,7 @@ from .content.parse import (  # the reader's own helpers: same lines, same field
     _nearest_line,
     _parse_yaml,
     parse_issue,
+    split_front_matter,
 )
 from .errors import ContentError, NewsletterError
 
@@ -359,15 +360,7 @@ def read_item(path: Path) -> Item:
                            path=name) from None
     except OSError as exc:
         raise ContentError(exc.strerror or str(exc), path=name) from None
-    src = text.splitlines()
-    if not src or src[0].strip() != "---":
-        raise ContentError("an item starts with front matter between '---' lines "
-                           "(title, date, ...)", path=name, line=1)
-    try:
-        end = next(i for i in range(1, len(src)) if src[i].strip() in ("---", "..."))
-    except StopIteration:
-        raise ContentError("front matter is not closed with '---'", path=name, line=1) from None
-    front, lines = _parse_yaml("\n".join(src[1:end]), name, offset=1)
+    front, lines, src, body_start = split_front_matter(text, name, what="an item")
     if not isinstance(front, dict):
         raise ContentError("front matter must be a mapping of fields", path=name, line=2)
 
@@ -392,7 +385,7 @@ def read_item(path: Path) -> Item:
     except ValueError:
         raise fail(f"{values['date']!r} is not an ISO date or date-time", "date") from None
     return Item(
-        title=values["title"], body_markdown="\n".join(src[end + 1:]).strip("\n"),
+        title=values["title"], body_markdown="\n".join(src[body_start:]).strip("\n"),
         link=values["link"], source=values["source"], section=values["section"],
         published=published, origin=name,
     )

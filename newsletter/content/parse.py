@@ -202,16 +202,24 @@ def _yaml_lines(text: str, offset: int = 0) -> Lines:
 _md = MarkdownIt("commonmark")
 
 
-def _parse_markdown(text: str, name: str) -> tuple[dict[str, Any], Lines]:
+def split_front_matter(text: str, name: str, *, what: str) -> tuple[Any, Lines, list[str], int]:
+    """The YAML between the opening '---' lines, parsed with its line numbers, then the
+    text's lines and the index of the first body line. `what` names the document in the
+    error for a missing opening line ("a Markdown issue", "an item")."""
     src = text.splitlines()
     if not src or src[0].strip() != "---":
-        raise ContentError("a Markdown issue starts with front matter between '---' lines "
+        raise ContentError(f"{what} starts with front matter between '---' lines "
                            "(title, date, ...)", path=name, line=1)
     try:
         end = next(i for i in range(1, len(src)) if src[i].strip() in ("---", "..."))
     except StopIteration:
         raise ContentError("front matter is not closed with '---'", path=name, line=1) from None
     front, lines = _parse_yaml("\n".join(src[1:end]), name, offset=1)
+    return front, lines, src, end + 1
+
+
+def _parse_markdown(text: str, name: str) -> tuple[dict[str, Any], Lines]:
+    front, lines, src, body_start = split_front_matter(text, name, what="a Markdown issue")
     if front is None:
         front = {}
     if not isinstance(front, dict):
@@ -219,7 +227,6 @@ def _parse_markdown(text: str, name: str) -> tuple[dict[str, Any], Lines]:
     if "sections" in front:
         raise ContentError("sections come from '#' headings in the body, not the front matter",
                            path=name, line=lines.get(("sections",)), field="sections")
-    body_start = end + 1  # index into src of the first body line
     body = src[body_start:]
     sections: list[dict[str, Any]] = []
     for kind, title, link, first, last, lineno in _headings(body):
