@@ -302,8 +302,8 @@ class Editor:
         if c.status not in (CampaignStatus.RUNNING, CampaignStatus.SCHEDULED):
             # A draft is not going anywhere yet; pausing it would only make "resume" send it.
             raise ConflictError(f"campaign {campaign_id} is {c.status.value}; nothing to pause")
-        # The schedule first: Newsletter.run unpauses the campaign it is asked to send, so
-        # a schedule left active would undo the pause when it fires.
+        # The schedule first, so it keeps its time: left active, it would fire, find the
+        # campaign paused and be used up (recorded as skipped).
         for s in self._schedules_of(campaign_id):
             if s.status == "active" and self.schedules.next_run(s) is not None:
                 self.schedules.pause(s.id)
@@ -321,12 +321,8 @@ class Editor:
             if s.status == "paused" and self.schedules.next_run(s) is None:
                 with contextlib.suppress(ConflictError):  # its job is gone: run it now below
                     self.schedules.resume(s.id)
-                    with self.engine.begin() as conn:
-                        # Back to waiting for its time, as before the pause (not "running").
-                        conn.execute(update(campaigns).where(
-                            campaigns.c.id == campaign_id,
-                            campaigns.c.status == CampaignStatus.PAUSED,
-                        ).values(status=CampaignStatus.SCHEDULED, status_note=None))
+                    # Back to waiting for its time, as before the pause (not "running").
+                    self.nl.store.unpause_campaign(campaign_id, to=CampaignStatus.SCHEDULED)
                     self.audit("campaign.resume", f"campaign {campaign_id}", schedule=s.id)
                     return self.schedules.store.get(s.id)
         # The new schedule makes the campaign 'scheduled' again (a schedule firing for a

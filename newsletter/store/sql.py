@@ -892,15 +892,17 @@ class SqlStore:
             ).values(status=CampaignStatus.CANCELLED, status_note="cancelled",
                      finished_at=utcnow())).rowcount)
 
-    def unpause_campaign(self, campaign_id: int) -> None:
-        """Make a paused campaign runnable again (the caller then runs it)."""
+    def unpause_campaign(self, campaign_id: int, *,
+                         to: CampaignStatus = CampaignStatus.RUNNING) -> None:
+        """Make a paused campaign runnable again: 'running' (the caller then runs it) or
+        'scheduled' (its schedule will)."""
         c = self.get_campaign(campaign_id)
         if c.status == CampaignStatus.CANCELLED:
             raise ConflictError(f"campaign {campaign_id} was cancelled and cannot be resumed")
         with self.engine.begin() as conn:
             conn.execute(update(campaigns).where(
                 campaigns.c.id == campaign_id, campaigns.c.status == CampaignStatus.PAUSED,
-            ).values(status=CampaignStatus.RUNNING, status_note=None))
+            ).values(status=to, status_note=None))
 
     def requeue(self, campaign_id: int, statuses: Sequence[DeliveryStatus]) -> int:
         """Make rows in these statuses due again (retry --failed / --unknown)."""
