@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .admin import InvalidError
 from .errors import AuthError, ConflictError, NotFoundError
-from .store.schema import api_tokens, audit_log
+from .store.schema import api_tokens, audit_log, utcnow
 
 PREFIX = "nl_"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
@@ -74,10 +74,6 @@ class ApiToken:
 
 def digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def write_audit(conn: Connection, *, actor: str, action: str, target: str = "",

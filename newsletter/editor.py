@@ -35,7 +35,14 @@ from .scheduling import Schedules, zone
 from .store.base import Campaign, DeliveryCounts, MailingList
 from .store.imports import import_csv, normalize_email
 from .store.schedules import Schedule
-from .store.schema import CampaignStatus, SuppressionKind, campaigns, import_jobs, suppressions
+from .store.schema import (
+    CampaignStatus,
+    SuppressionKind,
+    campaigns,
+    import_jobs,
+    suppressions,
+    utcnow,
+)
 from .store.suppression import Suppression
 
 if TYPE_CHECKING:
@@ -535,10 +542,6 @@ class ImportJobs:
     def _set(self, job_id: int, **values: Any) -> None:
         with self.nl.store.engine.begin() as conn:
             conn.execute(update(import_jobs).where(import_jobs.c.id == job_id).values(**values))
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def _job(r: Any) -> ImportJob:

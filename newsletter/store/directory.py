@@ -33,15 +33,12 @@ from .schema import (
     segments,
     subscribers,
     suppressions,
+    utcnow,
 )
 
 # An erased subscriber's row stays (campaign counts keep their rows) with no personal data;
 # its key can never match a real address because real addresses have no ':'.
 ERASED_PREFIX = "erased:"
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)

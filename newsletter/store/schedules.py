@@ -30,13 +30,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
 from ..errors import NotFoundError
-from .schema import CampaignStatus, campaigns, locks, schedule_runs, schedules
+from .schema import CampaignStatus, campaigns, locks, schedule_runs, schedules, utcnow
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)

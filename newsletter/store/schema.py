@@ -76,6 +76,11 @@ class UtcDateTime(TypeDecorator[dt.datetime]):
 
 TZ = UtcDateTime()
 
+
+def utcnow() -> dt.datetime:
+    """Now, zone-aware UTC: the only kind of time the store writes."""
+    return dt.datetime.now(dt.UTC)
+
 lists = Table(
     "lists", metadata,
     Column("id", Integer, primary_key=True),

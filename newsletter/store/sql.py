@@ -64,15 +64,12 @@ from .schema import (
     memberships,
     relay_usage,
     subscribers,
+    utcnow,
 )
 from .suppression import suppressed_clause
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _OPTED_OUT = (MembershipStatus.UNSUBSCRIBED, MembershipStatus.BOUNCED)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,12 @@ from .schema import (
     meta,
     subscribers,
     suppressions,
+    utcnow,
 )
 
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
                         r"[a-z0-9-]{2,63}$")
 _SALT_KEY = "erase_salt"
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def normalize_domain(raw: str) -> str:
