@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .admin import InvalidError
 from .errors import AuthError, ConflictError, NotFoundError
-from .store.schema import api_tokens, audit_log, utcnow
+from .store.directory import write_audit
+from .store.schema import api_tokens, utcnow
 
 PREFIX = "nl_"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
@@ -74,13 +75,6 @@ class ApiToken:
 
 def digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def write_audit(conn: Connection, *, actor: str, action: str, target: str = "",
-                detail: dict[str, Any] | None = None) -> None:
-    """One audit entry, inside the caller's transaction."""
-    conn.execute(insert(audit_log).values(at=utcnow(), actor=actor[:200], action=action,
-                                          target=target, detail=detail or {}))
 
 
 class Tokens:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConflictError, NotFoundError
@@ -77,11 +77,18 @@ class SubscriberRow:
 
 # --- audit ------------------------------------------------------------------------------------
 
+def write_audit(conn: Connection, *, actor: str, action: str, target: str = "",
+                detail: dict[str, Any] | None = None) -> None:
+    """One audit entry, inside the caller's transaction."""
+    conn.execute(insert(audit_log).values(at=utcnow(), actor=actor[:200], action=action,
+                                          target=target, detail=detail or {}))
+
+
 def record_audit(engine: Engine, actor: str, action: str, target: str = "",
                  detail: dict[str, Any] | None = None) -> None:
+    """One audit entry in a transaction of its own."""
     with engine.begin() as conn:
-        conn.execute(insert(audit_log).values(at=utcnow(), actor=actor, action=action,
-                                              target=target, detail=detail or {}))
+        write_audit(conn, actor=actor, action=action, target=target, detail=detail)
 
 
 def audit_entries(engine: Engine, *, limit: int = 50, before_id: int | None = None,
