@@ -674,6 +674,11 @@ def _announce_mode(nl: Newsletter, *, force_capture: bool = False) -> None:
 
 def _run_with_progress(nl: Newsletter, plan: SendPlan, label: str,
                        force_capture: bool = False) -> RunReport:
+    if nl.settings.delivery_workers and not force_capture:
+        with send_runner() as runner:
+            report = runner.run(nl.run(plan))
+        _follow_workers(nl, plan.campaign.id, label)
+        return report
     with _progress() as bar:
         task = bar.add_task(label, total=plan.due or None, rate="")
 
@@ -693,8 +698,49 @@ def _run_with_progress(nl: Newsletter, plan: SendPlan, label: str,
             raise typer.Exit(130) from None
 
 
+def _follow_workers(nl: Newsletter, campaign_id: int, label: str) -> None:
+    """delivery_workers: the campaign is the workers' now; show its progress from the ledger
+    until it is done or stops. Ctrl-C stops watching, not the send."""
+    store = nl.store
+    live = store.live_workers()
+    if not live:
+        err.print(f"campaign {campaign_id} is handed to the workers, but no `newsletter worker` "
+                  "is running against this database: it waits for one")
+        return
+    out.print(f"campaign {campaign_id} handed to {len(live)} worker(s); "
+              "Ctrl-C stops watching, the workers go on", highlight=False)
+    try:
+        with _progress() as bar:
+            counts = store.delivery_counts(campaign_id)
+            task = bar.add_task(label, total=counts.total or None, rate="")
+            sent0, t0 = counts[DeliveryStatus.SENT], time.monotonic()
+            while True:
+                counts = store.delivery_counts(campaign_id)
+                rate = (counts[DeliveryStatus.SENT] - sent0) / max(time.monotonic() - t0, 1e-3)
+                bar.update(task, completed=counts.total - counts.remaining,
+                           total=counts.total or None, rate=f"{rate:,.0f} msg/s")
+                status = store.campaign_status(campaign_id)
+                waiting = counts.remaining and not counts[DeliveryStatus.QUEUED] \
+                    and not counts[DeliveryStatus.SENDING]  # only retries due later
+                if status != CampaignStatus.RUNNING or not counts.remaining or waiting:
+                    break
+                if not store.live_workers():
+                    err.print("no worker is running any more: the campaign waits for one")
+                    break
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; the workers go on (newsletter campaigns show "
+                  f"{campaign_id})")
+        raise typer.Exit(130) from None
+
+
 def _print_report(report: RunReport, nl: Newsletter, campaign_id: int) -> None:
     """What this run did, then where the campaign stands (from the ledger)."""
+    if report.workers:
+        counts = nl.store.delivery_counts(campaign_id)
+        out.print(f"campaign {campaign_id} ({nl.store.campaign_status(campaign_id)}): "
+                  f"{_counts_line(counts)}", highlight=False)
+        return
     p = report.progress
     if report.start.became_unknown:
         out.print(f"note: {report.start.became_unknown} message(s) were in flight when an "
@@ -873,6 +919,59 @@ def digest_preview(
     out.print(f"  text:       {built.text}", highlight=False)
 
 
+@app.command("worker")
+def worker_run(
+    once: Annotated[bool, typer.Option(
+        "--once", help="Exit when no campaign has work (instead of waiting for more).")]
+    = False,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="How this worker is shown (default HOST:PID).")] = None,
+) -> None:
+    """Deliver campaigns handed to the workers (delivery_workers = true); run any number,
+    on any machines, against one database. SIGTERM or Ctrl-C: finish the messages in
+    flight, hand the rest back, exit."""
+    import signal
+
+    from .workers import Worker
+
+    nl = _state.app
+    _announce_mode(nl)
+
+    def event(text: str) -> None:
+        out.print(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {text}", markup=False, highlight=False)
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        report = await Worker(nl, name=name, on_event=event).run(stop, once=once)
+        return report.sent
+
+    with send_runner() as runner:
+        runner.run(run())
+
+
+@app.command("workers")
+def workers_ls() -> None:
+    """List the delivery workers registered on this database and what each is sending."""
+    nl = _state.app
+    found = nl.store.live_workers()
+    if not found:
+        out.print("no worker is running against this database (start one with: "
+                  "newsletter worker)")
+        return
+    now = dt.datetime.now(dt.UTC)
+    table = Table("id", "name", "campaign", "started", "last seen", "lease", box=None)
+    for w in found:
+        lease = (w.expires_at - now).total_seconds()
+        table.add_row(str(w.id), w.name, str(w.campaign_id or "-"),
+                      f"{w.started_at:%Y-%m-%d %H:%M:%S}",
+                      f"{(now - w.heartbeat_at).total_seconds():.0f} s ago",
+                      f"{lease:.0f} s left" if lease > 0 else "expired")
+    out.print(table)
+
+
 @app.command("scheduler")
 def scheduler_run() -> None:
     """Run the scheduler alone (it also runs inside newsletter serve); Ctrl-C stops it."""
@@ -884,13 +983,23 @@ def scheduler_run() -> None:
         out.print(f"schedule {schedule_id}: {outcome}", highlight=False)
 
     async def run() -> None:
+        import signal
+
+        # SIGTERM (systemd, kill) stops it as Ctrl-C does: the lock (on SQLite a lease row
+        # the next holder would otherwise wait out) is released on the way out.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         scheduler = Scheduler(nl, on_fired=fired)
         await scheduler.start()
-        out.print("scheduler running (one per database fires jobs; others wait); Ctrl-C stops")
+        out.print("scheduler running (one per database fires jobs; others wait); Ctrl-C or "
+                  "SIGTERM stops")
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await scheduler.stop()
+        out.print("scheduler stopped")
 
     with contextlib.suppress(KeyboardInterrupt), send_runner() as runner:
         runner.run(run())
@@ -995,6 +1104,11 @@ def campaigns_show(campaign_id: CampaignArg) -> None:
         out.print(f"  segment    {c.segment_names}: {c.segment_filter}", highlight=False,
                   markup=False)
     running = f" by {c.runner}" if c.runner else ""
+    on_it: list[str] = []
+    if not c.runner and c.status == CampaignStatus.RUNNING:
+        on_it = [w.name for w in nl.store.live_workers() if w.campaign_id == c.id]
+        if on_it:
+            running = f" by {len(on_it)} worker(s): {', '.join(on_it)}"
     out.print(f"  status     {c.status.value}{running}"
               + (f" ({c.status_note})" if c.status_note else ""), highlight=False)
     for name, n in (("sent", counts[DeliveryStatus.SENT]),
@@ -1009,7 +1123,7 @@ def campaigns_show(campaign_id: CampaignArg) -> None:
                     ("total", counts.total)):
         out.print(f"  {name:<10} {n:,}", highlight=False)
     rate = nl.store.recent_rate(c.id)
-    if c.status == CampaignStatus.RUNNING and c.runner and rate > 0:
+    if c.status == CampaignStatus.RUNNING and (c.runner or on_it) and rate > 0:
         eta = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=counts.remaining / rate)
         out.print(f"  rate       {rate:,.1f} msg/s over the last minute; estimated end "
                   f"{eta:%H:%M:%S} UTC", highlight=False)

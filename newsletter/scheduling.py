@@ -309,7 +309,10 @@ class Scheduler:
 
     def _resume_due(self) -> None:
         """Retries with backoff need someone to run them when they fall due: the lock
-        holder does, for campaigns no process is sending."""
+        holder does, for campaigns no process is sending. With delivery_workers the workers
+        claim due retries themselves."""
+        if self.nl.settings.delivery_workers:
+            return
         try:
             due = self.nl.store.campaigns_due()
         except Exception as exc:
@@ -381,8 +384,9 @@ class Scheduler:
                 plan = self.nl.resume_plan(campaign_id)
                 try:
                     report = await self.nl.run(plan, retry_now=False)
-                    note = (f"sent {report.progress.sent}"
-                            + (f"; {report.aborted}" if report.aborted else ""))
+                    note = ("handed to the workers" if report.workers
+                            else f"sent {report.progress.sent}") \
+                        + (f"; {report.aborted}" if report.aborted else "")
                 except ConflictError as exc:
                     if "is being sent by" not in str(exc):
                         raise

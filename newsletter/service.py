@@ -4,9 +4,10 @@ delivery. Nothing here parses arguments or prints."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from html import escape
@@ -329,7 +330,8 @@ class Newsletter:
                           per_hour=c.per_hour, per_day=c.per_day) for c in chosen]
 
     def engine(self, relays: Sequence[RelayPlan], *,
-               on_progress: Callable[[Progress], None] | None = None) -> Engine:
+               on_progress: Callable[[Progress], None] | None = None,
+               worker: bool = False) -> Engine:
         """The delivery engine with this installation's policies: retries, bounces, VERP,
         DKIM."""
         s = self.settings
@@ -337,7 +339,9 @@ class Newsletter:
         # it at its end, and one process may run several campaigns at once (the scheduler
         # firing one while resuming another's retries).
         return Engine(
-            SqlStore(self.store.engine), relays, batch_size=s.batch_size,
+            SqlStore(self.store.engine), relays,
+            batch_size=s.worker_batch_size if worker else s.batch_size,
+            lease=s.worker_lease_seconds if worker else 30.0,
             on_progress=on_progress,
             max_relay_failures=s.relay_failure_limit or None,
             cooldown=s.relay_cooldown_seconds,
@@ -346,6 +350,7 @@ class Newsletter:
             bounce_threshold=s.bounce_threshold,
             envelope=self.verp_addresses() if s.verp else None,
             sign=self.dkim.sign if self.dkim is not None else None,
+            threaded_commits=self.store.engine.dialect.name != "sqlite",
         )
 
     def verp_addresses(self) -> Callable[[Due], str]:
@@ -366,49 +371,68 @@ class Newsletter:
         return DkimSigner.from_file(s.dkim_key_file, selector=s.dkim_selector or "newsletter",
                                     domain=s.dkim_domain or s.sender_domain)
 
+    def campaign_message(self, c: Campaign, mlists: Sequence[MailingList]) -> MessageSource:
+        """How each recipient's message of this campaign is built (every edition)."""
+        issue = Issue.model_validate_json(c.issue_json)
+        rendered = RenderedIssue(c.subject, c.html, c.text, issue.language)
+        editions = self.store.campaign_editions(c.id)
+        if not editions:
+            return self.prepare(rendered, mlists, campaign_id=c.id, issue=issue)
+        others = {}
+        for lang, e in editions.items():
+            e_issue = Issue.model_validate_json(e["issue_json"])
+            others[lang] = self.prepare(
+                RenderedIssue(e["subject"], e["html"], e["text"], lang), mlists,
+                campaign_id=c.id, issue=e_issue, edition=True)
+        return Editions(self.prepare(rendered, mlists, campaign_id=c.id, issue=issue,
+                                     edition=True), others)
+
+    def publish_campaign(self, c: Campaign) -> None:
+        """Put the campaign's issue (every edition) in its lists' web archives."""
+        issue = Issue.model_validate_json(c.issue_json)
+        editions = self.store.campaign_editions(c.id)
+        self.store.publish(c, number=issue.number, language=issue.language.lower(),
+                           editions=[(lang, e["subject"], e["issue_json"])
+                                     for lang, e in editions.items()])
+
+    @contextlib.asynccontextmanager
+    async def delivery_relays(self, *, force_capture: bool = False) \
+            -> AsyncIterator[list[RelayPlan]]:
+        """The configured relays, or the built-in capture server (started here and stopped
+        on leaving) when none is configured."""
+        relays = [] if force_capture else self.relay_plans()
+        if relays:
+            yield relays
+            return
+        async with CaptureServer(self.settings.outbox_dir) as capture:
+            yield [RelayPlan(SmtpRelayClient(capture.relay, timeout=self.settings.smtp_timeout),
+                             name="capture", concurrency=self.settings.send_concurrency,
+                             rate=self.settings.send_rate)]
+
     async def run(self, plan: SendPlan, *, on_progress: Callable[[Progress], None] | None = None,
                   force_capture: bool = False, retry_now: bool = True) -> RunReport:
         """Send the planned campaign through the relays, or the capture server if none is set.
+        With delivery_workers, hand it to the `newsletter worker` processes instead (the
+        report then says `workers`); the demo (force_capture) always sends here.
 
         A paused campaign is resumed: its ledger says who still needs the issue.
         """
         c = plan.campaign
-        issue = Issue.model_validate_json(c.issue_json)
-        rendered = RenderedIssue(c.subject, c.html, c.text, issue.language)
-        message: MessageSource = self.prepare(rendered, plan.lists, campaign_id=c.id,
-                                              issue=issue)
-        editions = self.store.campaign_editions(c.id)
-        if editions:
-            others = {}
-            for lang, e in editions.items():
-                e_issue = Issue.model_validate_json(e["issue_json"])
-                others[lang] = self.prepare(
-                    RenderedIssue(e["subject"], e["html"], e["text"], lang), plan.lists,
-                    campaign_id=c.id, issue=e_issue, edition=True)
-            message = Editions(self.prepare(rendered, plan.lists, campaign_id=c.id,
-                                            issue=issue, edition=True), others)
         # The web version exists before the first mail that links to it goes out.
-        self.store.publish(c, number=issue.number, language=issue.language.lower(),
-                           editions=[(lang, e["subject"], e["issue_json"])
-                                     for lang, e in editions.items()])
+        self.publish_campaign(c)
         self.store.unpause_campaign(c.id)
-        relays = [] if force_capture else self.relay_plans()
-        capture = None
-        if not relays:
-            capture = CaptureServer(self.settings.outbox_dir)
-            await capture.start()
-            relays = [RelayPlan(SmtpRelayClient(capture.relay, timeout=self.settings.smtp_timeout),
-                                name="capture", concurrency=self.settings.send_concurrency,
-                                rate=self.settings.send_rate)]
-        try:
+        if self.settings.delivery_workers and not force_capture:
+            start = self.store.start_campaign(c.id, retry_now=retry_now)
+            counts = self.store.delivery_counts(c.id)
+            return RunReport(progress=Progress(due=counts.due), start=start,
+                             status=self.store.campaign_status(c.id), workers=True)
+        message = self.campaign_message(c, plan.lists)
+        async with self.delivery_relays(force_capture=force_capture) as relays:
             engine = self.engine(relays, on_progress=on_progress)
             current = self.store.get_campaign(c.id)
             return await engine.run(c.id, message, sender=self.settings.sender_email,
                                     takeover=runner_is_dead(current.runner),
                                     retry_now=retry_now)
-        finally:
-            if capture is not None:
-                await capture.stop()
 
     def record_bounces(self, bounces: Sequence[Bounce], _raw: bytes = b"") -> int:
         """Record bounces that arrived later; returns how many matched a delivery.
@@ -486,7 +510,8 @@ class Newsletter:
         assert assembly.path is not None
         plan = self.plan_send(assembly.path, list(defn.lists))
         report = await self.run(plan, retry_now=False)
-        note = f"issue {number}: {len(assembly.items)} items, sent {report.progress.sent}"
+        note = f"issue {number}: {len(assembly.items)} items, " + (
+            "handed to the workers" if report.workers else f"sent {report.progress.sent}")
         return "sent", plan.campaign.id, note + (f"; skipped {skipped}" if skipped else "")
 
     def resume_plan(self, campaign_id: int) -> SendPlan:

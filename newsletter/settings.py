@@ -174,6 +174,11 @@ class Settings(BaseSettings):
     var_dir: Path = Path("var")
     list_id_domain: str = ""
     batch_size: int = Field(default=500, ge=1, le=100_000)
+    # Shared delivery (docs/deployment.md): sends are handed to `newsletter worker` processes.
+    delivery_workers: bool = False
+    worker_lease_seconds: float = Field(default=30.0, ge=1, le=3600)
+    worker_batch_size: int = Field(default=200, ge=1, le=100_000)
+    worker_poll_seconds: float = Field(default=0.5, gt=0, le=60)
     # Several relays, each with its own limits; when empty, smtp_url with the send_* values.
     relays: list[RelayConfig] = Field(default_factory=list)
     send_per_hour: int = Field(default=0, ge=0)

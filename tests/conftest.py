@@ -88,6 +88,29 @@ def postgres_database(opened: list[Engine] | None = None) -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database's URL, for a test that is about PostgreSQL alone."""
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Newsletter]]:
+    """Newsletters a test opens; their pools are closed before the database is dropped."""
+    apps: list[Newsletter] = []
+    yield apps
+    for nl in apps:
+        nl.store.engine.dispose()
+
+
+def open_app(apps: list[Newsletter], tmp_path: Path, url: str, **overrides: str) -> Newsletter:
+    """A Newsletter on `url`, kept in `apps` (the `opened` fixture) to be closed."""
+    nl = Newsletter(make_settings(tmp_path, database_url=url, **overrides))
+    apps.append(nl)
+    return nl
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Modules opt in with `pytestmark = pytest.mark.usefixtures("db_backend")`; a test marked
     # sqlite_only (with its reason) runs on SQLite alone.

@@ -48,6 +48,7 @@ class Recorder:
     rng: random.Random = field(default_factory=lambda: random.Random(1234))
     stall: float = 0.0  # seconds to stall before answering RCPT (a hung relay)
     refused: int = 0    # messages refused or dropped by the random faults
+    keep_data: bool = True  # False: record envelopes only (tests of tens of thousands)
 
     def _rule(self, address: str, stage: str) -> Rule | None:
         rule = self.rules.get(address.lower())
@@ -91,8 +92,9 @@ class Recorder:
             return "451 4.3.0 try again later"
         with self.lock:
             if rule is None or rule.store:
-                self.messages.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos),
-                                              envelope.original_content or b""))
+                self.messages.append(Received(
+                    str(envelope.mail_from), list(envelope.rcpt_tos),
+                    (envelope.original_content or b"") if self.keep_data else b""))
         if rule is not None:  # drop without answering: the sender cannot know
             server.transport.close()
             return "250 OK (never seen)"

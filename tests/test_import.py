@@ -28,6 +28,7 @@ from newsletter.headers import check_header_text
 from newsletter.service import Newsletter
 from newsletter.store import imports, suppression
 from newsletter.store.imports import (
+    ImportReport,
     _slow_email,
     export_members,
     fast_email,
@@ -458,6 +459,39 @@ def test_other_writers_interleave_between_chunks(app: Newsletter, tmp_path: Path
         assert conn.execute(text("SELECT value FROM meta WHERE key = 'import-progress'")) \
             .scalar() == "20000"
     assert sum(1 for _ in app.store.members(other)) == len(waits)
+
+
+def test_two_imports_of_the_same_new_addresses_at_once(app: Newsletter, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two imports racing to add the same new addresses to one list: on PostgreSQL a chunk
+    that loses the race for an address is decided again (it now exists); on SQLite the
+    write lock orders them. Either way each address is imported once and updated once."""
+    monkeypatch.setattr(imports, "CHUNK", 500)
+    lid = app.store.create_list("news").id
+    body = "email,name\n" + "".join(f"u{i}@example.com,U{i}\n" for i in range(10_000))
+    paths = [_write(tmp_path, body, name=f"in{k}.csv") for k in range(2)]
+    reports: list[ImportReport] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def run(path: Path) -> None:
+        try:
+            start.wait()
+            reports.append(import_csv(app.store, lid, path))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sum(r.imported for r in reports) == 10_000
+    assert sum(r.updated for r in reports) == 10_000
+    assert len(_members(app, "news")) == 10_000
+    with app.store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM subscribers")).scalar() == 10_000
 
 
 # --- a million rows --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ from newsletter.store.schedules import (
     scheduler_lock,
 )
 
-from .conftest import SECRET, add_subscribers, make_settings, postgres_database
+from .conftest import SECRET, add_subscribers, make_settings, open_app
 from .smtpd import SmtpTestServer
 from .test_content import MD
 
@@ -37,31 +37,10 @@ TICK = 0.1
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture
-def opened() -> Iterator[list[Newsletter]]:
-    """Newsletters a test opens; their pools are closed before the database is dropped."""
-    apps: list[Newsletter] = []
-    yield apps
-    for nl in apps:
-        nl.store.engine.dispose()
-
-
-@pytest.fixture
 def issue(tmp_path: Path) -> Path:
     path = tmp_path / "issue.md"
     path.write_text(MD, encoding="utf-8")
     return path
-
-
-def _open(apps: list[Newsletter], tmp_path: Path, url: str, **overrides: str) -> Newsletter:
-    nl = Newsletter(make_settings(tmp_path, database_url=url, **overrides))
-    apps.append(nl)
-    return nl
 
 
 def _soon(seconds: float) -> dt.datetime:
@@ -113,7 +92,7 @@ def test_sqlite_keeps_the_lease_row(tmp_path: Path) -> None:
 def test_advisory_lock_is_exclusive_and_dies_with_its_session(
     pg_url: str, tmp_path: Path, opened: list[Newsletter],
 ) -> None:
-    nl = _open(opened, tmp_path, pg_url)
+    nl = open_app(opened, tmp_path, pg_url)
     engine = nl.store.engine
     one = scheduler_lock(engine, "scheduler", "one")
     two = scheduler_lock(engine, "scheduler", "two")
@@ -161,8 +140,8 @@ def test_two_schedulers_one_fires_and_the_other_takes_over(
     """Two Newsletter objects, as if two processes: exactly one holds the lock; the other
     stays passive until the first stops (or its lock's connection dies), then takes over
     within a couple of ticks and fires a due job once."""
-    first_nl = _open(opened, tmp_path, pg_url, smtp_url=smtpd.url)
-    second_nl = _open(opened, tmp_path, pg_url, smtp_url=smtpd.url)
+    first_nl = open_app(opened, tmp_path, pg_url, smtp_url=smtpd.url)
+    second_nl = open_app(opened, tmp_path, pg_url, smtp_url=smtpd.url)
     add_subscribers(first_nl, "news", 5)
     fired: list[tuple[str, int, str]] = []
 
@@ -215,7 +194,7 @@ def test_a_killed_scheduler_process_is_replaced_by_the_other(
     """`newsletter scheduler` twice on one database; the one holding the lock is killed -9;
     the other takes over at once (the lock died with the killed process's connection) and
     fires a due job, once."""
-    nl = _open(opened, tmp_path, pg_url, smtp_url=smtpd.url)
+    nl = open_app(opened, tmp_path, pg_url, smtp_url=smtpd.url)
     add_subscribers(nl, "news", 10)
     engine = nl.store.engine
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
@@ -276,3 +255,37 @@ def test_a_killed_scheduler_process_is_replaced_by_the_other(
     counts = smtpd.recorder.count_by_rcpt()
     assert len(counts) == 10 and set(counts.values()) == {1}, outputs
     assert f"schedule {sched.id}: sent" in outputs[procs.index(other)]
+
+
+def test_sigterm_stops_the_scheduler_cleanly_and_frees_the_lease(tmp_path: Path) -> None:
+    """systemd stops services with SIGTERM: the scheduler releases its lock and exits 0, so
+    a standby on SQLite need not wait out the lease."""
+    url = f"sqlite:///{tmp_path / 'var' / 's.db'}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
+           "NEWSLETTER_DATABASE_URL": url, "NEWSLETTER_VAR_DIR": str(tmp_path / "var"),
+           "NEWSLETTER_SECRET_KEY": SECRET}
+    proc = subprocess.Popen([sys.executable, "-m", "newsletter", "scheduler"], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    nl = Newsletter(make_settings(tmp_path, database_url=url))
+    engine = nl.store.engine
+
+    def holders() -> list[str]:
+        with engine.connect() as conn:
+            return list(conn.execute(text(
+                "SELECT holder FROM locks WHERE name = 'scheduler' AND expires_at > :now"),
+                {"now": dt.datetime.now(dt.UTC)}).scalars())
+
+    try:
+        deadline = time.monotonic() + 30
+        while not holders():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "scheduler stopped" in output
+    assert holders() == []
+    engine.dispose()

@@ -21,6 +21,9 @@ from .conftest import SECRET, add_subscribers, make_settings
 from .smtpd import SmtpTestServer
 from .test_content import MD
 
+# Bounces and schedules live in the store: these run on SQLite and PostgreSQL too.
+pytestmark = pytest.mark.usefixtures("db_backend")
+
 
 @pytest.fixture
 def issue(tmp_path: Path) -> Path:
@@ -175,6 +178,7 @@ def test_run_now_pause_and_cancel(tmp_path: Path, smtpd: SmtpTestServer, issue: 
     assert nl.store.get_campaign(sched2.campaign_id or 0).status == CampaignStatus.CANCELLED
 
 
+@pytest.mark.sqlite_only(reason="APScheduler's trigger arithmetic only; no database")
 def test_a_weekly_digest_stays_at_8_local_across_daylight_saving() -> None:
     trigger = cron_trigger("0 8 * * MON", "Europe/Berlin")
     t = dt.datetime(2027, 3, 15, tzinfo=dt.UTC)
@@ -272,6 +276,7 @@ def test_a_digest_assembled_from_an_inbox_and_a_feed_then_an_empty_run_skipped(
     assert load_issue(archived).number == 1
 
 
+@pytest.mark.sqlite_only(reason="a preview opens no database")
 def test_digest_preview_assembles_and_renders_without_sending(
     tmp_path: Path, smtpd: SmtpTestServer,
 ) -> None:

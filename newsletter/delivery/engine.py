@@ -109,6 +109,7 @@ class RunReport:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (email, error), first few
     status: CampaignStatus | None = None  # the campaign's status after the run
     next_retry: dt.datetime | None = None  # when temporary failures are due again, if any
+    workers: bool = False  # handed to the `newsletter worker` processes, not sent here
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ class RelayPlan:
     per_day: int = 0                           # messages per sliding day, 0: no limit
     # Extra (limit, seconds) windows; tests use short ones to watch a window fill and drain.
     windows: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.rate > 0 or self.all_windows())
 
     def all_windows(self) -> list[tuple[int, float, str]]:
         found = [(limit, float(period), label) for limit, period, label in (
@@ -180,12 +185,13 @@ class _Pacer:
         pace = self.next - time.monotonic()
         return max(longest, pace), why
 
-    def take(self) -> None:
-        """Count one message now (called right before it is handed over)."""
+    def take(self) -> bool:
+        """Count one message now (called right before it is handed over); always True:
+        the pace is this process's own."""
         if self.interval:
             self.next = max(self.next, time.monotonic()) + self.interval
         if not self.windows:
-            return
+            return True
         second = int(time.time())
         for _limit, _period, _label, seconds, total in self.windows:
             if seconds and seconds[-1][0] == second:
@@ -194,6 +200,7 @@ class _Pacer:
                 seconds.append([second, 1])
             total[0] += 1
         self.unsaved[second] = self.unsaved.get(second, 0) + 1
+        return True
 
     def drain(self) -> list[tuple[str, int, int]]:
         usage = [(self.name, sec, n) for sec, n in self.unsaved.items()]
@@ -201,12 +208,72 @@ class _Pacer:
         return usage
 
 
+class _SharedPacer:
+    """A relay's pace for a worker among many: the limits are counted in the database over
+    all workers. Sending slots are reserved a few at a time (about a tenth of a second's
+    worth at the per-second rate) and only spent within the second they were counted in, so
+    every second and every window holds, whatever the number of workers. The per-second
+    rate is a limit per calendar second rather than an even pace: a second's slots may go
+    out in a burst."""
+
+    def __init__(self, plan: RelayPlan, store: DeliveryStore) -> None:
+        self.name = plan.name
+        self.store = store
+        self.windows: list[tuple[int, float, str]] = []
+        if plan.rate >= 1:
+            self.windows.append((int(plan.rate), 1.0, "per-second"))
+        elif plan.rate > 0:  # slower than one a second: one per 1/rate seconds
+            self.windows.append((1, 1.0 / plan.rate, "per-second"))
+        self.windows += plan.all_windows()
+        self.chunk = max(1, int(plan.rate / 10)) if plan.rate >= 1 else 1
+        if plan.rate <= 0:
+            self.chunk = 20  # only hourly or daily windows: reserve a little ahead
+        self.slots = 0
+        self.second = 0
+        self.retry_at = 0.0
+        self.why = ""
+
+    def wait(self) -> tuple[float, str]:
+        now = time.time()
+        second = int(now)
+        if self.slots > 0 and second == self.second:
+            return 0.0, ""
+        self.slots = 0  # slots counted in an earlier second are not spent in this one
+        if time.monotonic() < self.retry_at:
+            return self.retry_at - time.monotonic(), self.why
+        granted, full = self.store.reserve_relay(
+            self.name, self.chunk, [(limit, period) for limit, period, _ in self.windows],
+            second=second)
+        if granted:
+            self.slots, self.second = granted, second
+            return 0.0, ""
+        limit, period, label = self.windows[full]
+        # Try again at the next second: a window gains room as its oldest second leaves.
+        pause = max(0.01, second + 1 - now)
+        self.why = "" if period <= 1 else (f"relay {self.name}: {label} limit of {limit:,} "
+                                           "reached (counted over all workers)")
+        self.retry_at = time.monotonic() + pause
+        return pause, self.why
+
+    def take(self) -> bool:
+        """Spend one reserved slot; False if none is left for this second (another of this
+        worker's connections spent it meanwhile): wait() again."""
+        if self.slots > 0 and int(time.time()) == self.second:
+            self.slots -= 1
+            return True
+        self.slots = 0
+        return False
+
+    def drain(self) -> list[tuple[str, int, int]]:
+        return []  # reservations are written when they are made
+
+
 @dataclass
 class _Slot:
     """A relay's state during a run."""
 
     plan: RelayPlan
-    pacer: _Pacer
+    pacer: _Pacer | _SharedPacer
     failures: int = 0          # relay failures in a row
     out_until: float = 0.0     # monotonic time before which the relay is taken out
     strikes: int = 0           # how often it was taken out in this run
@@ -217,16 +284,26 @@ class _Slot:
 
 
 class _Ledger:
-    """Group commit of ledger marks: everything marked in one loop turn is one transaction."""
+    """Group commit of ledger marks: everything marked in one loop turn is one transaction.
 
-    def __init__(self, store: DeliveryStore, slots: Sequence[_Slot], bounce_threshold: int) \
-            -> None:
+    On SQLite a commit takes microseconds and runs right in the event loop. On a database
+    over the network (PostgreSQL) a commit is a round trip and a WAL flush, during which a
+    blocked loop would move no SMTP traffic; there each commit runs in a thread of its own,
+    one at a time, while marks made meanwhile gather for the next one. Either way the marks
+    reach the database in the order they were made, and a 'sending' mark is committed
+    before its message is handed over."""
+
+    def __init__(self, store: DeliveryStore, slots: Sequence[_Slot], bounce_threshold: int,
+                 worker: int | None = None, *, threaded: bool = False) -> None:
         self.store = store
         self.slots = slots
         self.bounce_threshold = bounce_threshold
+        self.worker = worker
         self.pending: list[Mark] = []
         self.future: asyncio.Future[set[int]] | None = None
         self.loop = asyncio.get_running_loop()
+        self.threaded = threaded
+        self.writing: asyncio.Future[set[int]] | None = None  # the commit running in a thread
 
     async def begin(self, delivery_id: int, relay: str) -> bool:
         """Commit 'sending' for this row (with any outcomes waiting); False if it was taken."""
@@ -241,31 +318,68 @@ class _Ledger:
     def _schedule(self) -> asyncio.Future[set[int]]:
         if self.future is None:
             self.future = self.loop.create_future()
-            self.loop.call_soon(self._flush)
+            if self.writing is None:
+                self.loop.call_soon(self._flush)
+            # else: the running commit's completion starts the next one
         return self.future
 
-    def _write(self, marks: list[Mark]) -> set[int]:
-        usage = [u for slot in self.slots for u in slot.pacer.drain()]
-        return self.store.begin(marks, usage=usage, bounce_threshold=self.bounce_threshold)
+    def _usage(self) -> list[tuple[str, int, int]]:
+        return [u for slot in self.slots for u in slot.pacer.drain()]
+
+    def _write(self, marks: list[Mark], usage: list[tuple[str, int, int]]) -> set[int]:
+        return self.store.begin(marks, usage=usage, bounce_threshold=self.bounce_threshold,
+                                worker=self.worker)
 
     def _flush(self) -> None:
         marks, future = self.pending, self.future
         self.pending, self.future = [], None
-        assert future is not None
+        if future is None:
+            return
+        usage = self._usage()  # read here, in the loop's thread, which updates the pacers
+        if self.threaded:
+            self.writing = self.loop.run_in_executor(None, self._write, marks, usage)
+            self.writing.add_done_callback(lambda done: self._written(done, future))
+            return
         try:
-            # Synchronous on purpose: SQLite commits take microseconds, and running it here
-            # keeps the order of marks equal to the order of events.
-            future.set_result(self._write(marks))
+            # Synchronous: SQLite commits take microseconds, and running it here keeps
+            # the order of marks equal to the order of events.
+            future.set_result(self._write(marks, usage))
         except Exception as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: workers waiting on it re-raise it themselves
 
+    def _written(self, done: asyncio.Future[set[int]], future: asyncio.Future[set[int]]) \
+            -> None:
+        self.writing = None
+        if done.cancelled():
+            future.cancel()
+        elif done.exception() is not None:
+            future.set_exception(done.exception())  # type: ignore[arg-type]
+            future.exception()
+        else:
+            future.set_result(done.result())
+        if self.future is not None:  # marks made while that commit ran
+            self._flush()
+
+    async def drain(self) -> None:
+        """Commit everything marked so far (and wait for a commit running in a thread)."""
+        while self.writing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.writing)
+        if self.pending:
+            await asyncio.shield(self._schedule())
+        while self.writing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.writing)
+
     def close(self) -> None:
+        """Commit what is left, synchronously (a commit still running in a thread must have
+        been waited for: drain)."""
         marks, self.pending = self.pending, []
-        self._write(marks)
+        self._write(marks, self._usage())
 
 
-async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
+async def sleep_unless(event: asyncio.Event, seconds: float) -> None:
     """Sleep, but wake as soon as `event` is set."""
     if seconds <= 0 or event.is_set():
         return
@@ -304,6 +418,7 @@ class Engine:
         envelope: Callable[[Due], str] | None = None,
         sign: Callable[[bytes], bytes] | None = None,
         poll: float = 0.1,
+        threaded_commits: bool = False,
     ) -> None:
         self.store = store
         if isinstance(relay, Sequence):
@@ -323,22 +438,37 @@ class Engine:
         self.envelope = envelope    # per-message envelope sender (VERP), else `sender`
         self.sign = sign            # DKIM: returns header bytes to put in front
         self.poll = poll
+        self.threaded_commits = threaded_commits  # a database over the network: see _Ledger
         self.runner = runner_name()
 
     async def run(self, campaign_id: int, message: MessageSource, *, sender: str,
-                  takeover: bool = False, retry_now: bool = False) -> RunReport:
+                  takeover: bool = False, retry_now: bool = False,
+                  worker: int | None = None, halt: asyncio.Event | None = None) -> RunReport:
         """Send to everyone due; returns when all are done, a retry is too far off, or the
-        run had to stop (paused, cancelled, every relay failing)."""
-        start = self.store.claim_campaign(campaign_id, runner=self.runner,
-                                          lease=0.0 if takeover else self.lease,
-                                          retry_now=retry_now)
+        run had to stop (paused, cancelled, every relay failing).
+
+        With `worker` (a registered `newsletter worker`), the campaign is shared: rows are
+        claimed in batches under the worker's lease, which this run renews; relay limits
+        are reserved in the database; the run ends when nothing is left to claim now, and
+        retries due later are picked up by whichever worker is free then.
+
+        `halt`, when set, ends the run as a pause would: no new message starts, those in
+        flight finish and are recorded (a worker stopping on SIGTERM)."""
+        if worker is None:
+            start = self.store.claim_campaign(campaign_id, runner=self.runner,
+                                              lease=0.0 if takeover else self.lease,
+                                              retry_now=retry_now)
+        else:
+            start = self.store.join_campaign(campaign_id)
         counts = self.store.delivery_counts(campaign_id)
         progress = Progress(due=counts.due)
         skipped_before = counts[DeliveryStatus.SKIPPED]
         report = RunReport(progress=progress, start=start)
         usage = self.store.relay_usage(int(time.time()) - 86_400)
-        slots = [_Slot(p, _Pacer(p, usage.get(p.name, []))) for p in self.plans]
-        ledger = _Ledger(self.store, slots, self.bounce_threshold)
+        slots = [_Slot(p, _SharedPacer(p, self.store) if worker is not None and p.limited
+                       else _Pacer(p, usage.get(p.name, []))) for p in self.plans]
+        ledger = _Ledger(self.store, slots, self.bounce_threshold, worker,
+                         threaded=self.threaded_commits)
         workers = sum(p.concurrency for p in self.plans)
         queue: asyncio.Queue[Due | None] = asyncio.Queue(maxsize=workers * 4)
         stop = asyncio.Event()
@@ -353,11 +483,23 @@ class Engine:
 
         async def walk(retries: bool) -> None:
             after = 0
+            rescan = worker is not None
             while not stop.is_set():
-                batch = self.store.due_batch(campaign_id, after_id=after, limit=self.batch_size,
-                                             retries=retries)
-                if not batch.last_id:
-                    return
+                if worker is None:
+                    batch = self.store.due_batch(campaign_id, after_id=after,
+                                                 limit=self.batch_size, retries=retries)
+                    if not batch.last_id:
+                        return
+                else:  # queued and due retries alike, held by this worker until sent
+                    batch = self.store.claim_batch(campaign_id, worker=worker,
+                                                   limit=self.batch_size, after_id=after)
+                    if not batch.due and not batch.skipped:
+                        if after and rescan:
+                            # Once more from the start: rows handed back behind our cursor
+                            # (a dead worker's, a paused run's) are due too.
+                            after, rescan = 0, False
+                            continue
+                        return
                 progress.skipped += batch.skipped
                 for due in batch.due:
                     if stop.is_set():
@@ -369,7 +511,8 @@ class Engine:
             try:
                 while not stop.is_set():
                     await walk(retries=False)
-                    await walk(retries=True)
+                    if worker is None:
+                        await walk(retries=True)
                     # Wait for every row handed out to have its outcome written.
                     joined = asyncio.ensure_future(queue.join())
                     stopped = asyncio.ensure_future(stop.wait())
@@ -378,7 +521,9 @@ class Engine:
                     stopped.cancel()
                     if stop.is_set():
                         break
-                    ledger.close()
+                    await ledger.drain()
+                    if worker is not None:
+                        break  # retries due later: whichever worker is free then
                     nxt = self.store.next_retry_at(campaign_id)
                     report.next_retry = nxt
                     if nxt is None:
@@ -388,7 +533,7 @@ class Engine:
                         break  # too far off for this run: the campaign waits for a later one
                     notes["retry"] = (f"waiting to retry temporary failures at "
                                       f"{nxt:%H:%M:%S} UTC")
-                    await _sleep_unless(stop, wait)
+                    await sleep_unless(stop, wait)
                     notes.pop("retry", None)
             finally:
                 ended.set()
@@ -403,7 +548,7 @@ class Engine:
             try:
                 while not stop.is_set():
                     if slot.out():
-                        await _sleep_unless(stop, min(1.0, slot.out_until - time.monotonic()))
+                        await sleep_unless(stop, min(1.0, slot.out_until - time.monotonic()))
                         if ended.is_set():  # every row is done; only end marks are left
                             break
                         continue
@@ -411,7 +556,7 @@ class Engine:
                     if wait > 0:
                         if why:
                             notes[slot.plan.name] = why
-                        await _sleep_unless(stop, min(wait, 1.0))
+                        await sleep_unless(stop, min(wait, 1.0))
                         if ended.is_set():  # every row is done; only end marks are left
                             break
                         continue
@@ -422,7 +567,8 @@ class Engine:
                             break
                         if stop.is_set():
                             continue  # the row stays due for the next run
-                        slot.pacer.take()
+                        if not slot.pacer.take() and not await self._slot(slot, stop, notes):
+                            continue  # stopped while waiting: the row stays due
                         if not await ledger.begin(due.delivery_id, slot.plan.name):
                             progress.skipped += 1
                             continue
@@ -452,6 +598,8 @@ class Engine:
             written_note: str | None = None
             while True:
                 await asyncio.sleep(0.1)
+                if halt is not None and halt.is_set():
+                    fail("stopped: the process was asked to stop")
                 progress.note = "; ".join(notes.values())
                 if self.on_progress:
                     self.on_progress(progress)
@@ -461,17 +609,29 @@ class Engine:
                 polled = now
                 note = progress.note or None
                 try:
-                    # The row is written (heartbeat, note) only when the note changes or the
-                    # lease needs renewing; in between, polling for a pause or a cancel is a
-                    # read, which does not compete with the ledger's writes.
-                    if note != written_note or now - written >= self.lease / 3:
+                    if worker is not None:
+                        # A worker's lease is its own row, renewed a few times per lease;
+                        # the campaign is only read, for a pause or a cancel.
+                        if now - written >= self.lease / 3:
+                            written = now
+                            if not self.store.renew_worker(worker, lease=self.lease,
+                                                           campaign_id=campaign_id):
+                                fail("this worker's lease ran out; its rows went to the "
+                                     "other workers")
+                                continue
+                        status = self.store.campaign_status(campaign_id)
+                    elif note != written_note or now - written >= self.lease / 3:
+                        # The row is written (heartbeat, note) only when the note changes or
+                        # the lease needs renewing; in between, polling for a pause or a
+                        # cancel is a read, which does not compete with the ledger's writes.
                         status = self.store.heartbeat(campaign_id, runner=self.runner,
                                                       note=note)
                         written, written_note = now, note
                     else:
                         status = self.store.campaign_status(campaign_id)
                 except Exception as exc:  # a busy database: try again next time
-                    log.warning("heartbeat of campaign %d failed: %s", campaign_id, exc)
+                    log.warning("campaign %d: heartbeat or status check failed: %s",
+                                campaign_id, exc)
                     continue
                 if status in (CampaignStatus.PAUSED, CampaignStatus.CANCELLED):
                     fail(f"campaign {campaign_id} was {status.value}")
@@ -524,11 +684,20 @@ class Engine:
             # Also on Ctrl-C: outcomes already known are written and the claim released;
             # rows still 'sending' stay so and the next run counts them as unknown.
             with contextlib.suppress(Exception):
-                ledger.close()
+                await ledger.drain()
             with contextlib.suppress(Exception):
-                report.status = self.store.finish_run(
-                    campaign_id, runner=self.runner, pause=pause["asked"],
-                    error=report.aborted or (str(error) if error else None))
+                ledger.close()
+            if worker is None:
+                with contextlib.suppress(Exception):
+                    report.status = self.store.finish_run(
+                        campaign_id, runner=self.runner, pause=pause["asked"],
+                        error=report.aborted or (str(error) if error else None))
+            else:
+                with contextlib.suppress(Exception):
+                    self.store.release_claims(campaign_id, worker=worker)
+                with contextlib.suppress(Exception):
+                    report.status = self.store.finish_shared(
+                        campaign_id, pause=report.aborted if pause["asked"] else None)
             # Unsubscribes during the run skip rows directly in the ledger; count them all.
             with contextlib.suppress(Exception):
                 skipped = self.store.delivery_counts(campaign_id)[DeliveryStatus.SKIPPED]
@@ -537,6 +706,20 @@ class Engine:
             if self.on_progress:
                 self.on_progress(progress)
         return report
+
+    async def _slot(self, slot: _Slot, stop: asyncio.Event, notes: dict[str, str]) -> bool:
+        """Wait, holding a row, for a sending slot of a shared pace; False if stopped."""
+        while not stop.is_set():
+            wait, why = slot.pacer.wait()
+            if wait <= 0:
+                if slot.pacer.take():
+                    notes.pop(slot.plan.name, None)
+                    return True
+                continue
+            if why:
+                notes[slot.plan.name] = why
+            await sleep_unless(stop, min(wait, 1.0))
+        return False
 
     def _failure_limit(self, slot: _Slot) -> int:
         return self.max_relay_failures or max(5, 2 * slot.plan.concurrency)

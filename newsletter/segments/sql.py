@@ -14,23 +14,19 @@ from sqlalchemy import (
     Integer,
     Select,
     String,
-    Text,
     and_,
     case,
     cast,
     false,
     func,
     literal,
-    literal_column,
     not_,
     or_,
     select,
 )
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.functions import FunctionElement
 
+from ..store import dialect
 from ..store.schema import MembershipStatus, lists, memberships, subscribers
 from .tree import (
     _ATTR_ALIASES,
@@ -59,73 +55,6 @@ from .tree import (
     _str,
     _utc,
 )
-
-
-class _strpos(FunctionElement[int]):
-    """1 + the offset of needle in haystack, 0 if absent (case-sensitive on both databases,
-    unlike LIKE, which SQLite folds for ASCII)."""
-
-    type = Integer()
-    inherit_cache = True
-    name = "strpos"
-
-
-@compiles(_strpos)
-def _strpos_default(element: _strpos, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"strpos({compiler.process(element.clauses, **kw)})"
-
-
-@compiles(_strpos, "sqlite")
-def _strpos_sqlite(element: _strpos, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"instr({compiler.process(element.clauses, **kw)})"
-
-
-class _bytewise(FunctionElement[str]):
-    """Text to order by code point, as Python and SQLite do; PostgreSQL would otherwise use
-    the database's locale."""
-
-    type = String()
-    inherit_cache = True
-    name = "bytewise"
-
-
-@compiles(_bytewise)
-def _bytewise_default(element: _bytewise, compiler: SQLCompiler, **kw: Any) -> str:
-    return f'({compiler.process(element.clauses, **kw)}) COLLATE "C"'
-
-
-@compiles(_bytewise, "sqlite")
-def _bytewise_sqlite(element: _bytewise, compiler: SQLCompiler, **kw: Any) -> str:
-    return compiler.process(element.clauses, **kw)
-
-
-class _attr_text(FunctionElement[str]):
-    """The text of one attribute of the subscriber: a string as is, a number as its JSON
-    text, true/false as "true"/"false", NULL when missing or null."""
-
-    type = String()
-    # The SQLite form builds a subquery while compiling: never reuse a compiled form.
-    inherit_cache = False
-    name = "attr_text"
-
-
-@compiles(_attr_text)
-def _attr_text_default(element: _attr_text, compiler: SQLCompiler, **kw: Any) -> str:
-    column, key = element.clauses.clauses
-    return f"({compiler.process(column, **kw)} ->> {compiler.process(key, **kw)})"
-
-
-@compiles(_attr_text, "sqlite")
-def _attr_text_sqlite(element: _attr_text, compiler: SQLCompiler, **kw: Any) -> str:
-    # json_each rather than json_extract's path: SQLite before 3.45 cannot find a key
-    # that was stored \u-escaped (SQLAlchemy writes JSON with ensure_ascii), such as 部门.
-    column, key = element.clauses.clauses
-    each = func.json_each(column).table_valued("key", "value", "type").alias("seg_attr")
-    text = case((each.c.type == literal_column("'true'"), literal_column("'true'")),
-                (each.c.type == literal_column("'false'"), literal_column("'false'")),
-                else_=cast(each.c.value, Text))
-    query = select(text).select_from(each).where(each.c.key == key).scalar_subquery()
-    return compiler.process(query, **kw)
 
 
 def compile_filter(flt: Filter, *, now: dt.datetime | None = None) -> ColumnElement[bool]:
@@ -179,7 +108,7 @@ def _text_column(fld: Field) -> ColumnElement[str]:
         return subscribers.c.email_key
     if fld.name == "domain":
         key = subscribers.c.email_key
-        return func.substr(key, _strpos(key, literal("@")) + 1, type_=String)
+        return func.substr(key, dialect.strpos(key, literal("@")) + 1, type_=String)
     if fld.name == "name":
         return subscribers.c.name
     return _attr_column(fld)
@@ -187,7 +116,7 @@ def _text_column(fld: Field) -> ColumnElement[str]:
 
 def _attr_column(fld: Field) -> ColumnElement[str]:
     key = fld.key if fld.key is not None else _ATTR_ALIASES[fld.name]
-    return _attr_text(subscribers.c.attributes, literal(key, String))
+    return dialect.attr_text(subscribers.c.attributes, literal(key, String))
 
 
 def _date_column(fld: Field) -> ColumnElement[dt.datetime]:
@@ -229,14 +158,14 @@ def _sql_compare(fld: Field, op: Op, value: Value, now: dt.datetime) -> ColumnEl
         return not_(_sql_compare(fld, Op.EQ, value, now))
     pred: ColumnElement[bool]
     if op == Op.CONTAINS:
-        pred = _strpos(x, literal(text, String)) > 0
+        pred = dialect.strpos(x, literal(text, String)) > 0
     elif op == Op.STARTSWITH:
         pred = func.substr(x, 1, len(text), type_=String) == text
     elif op == Op.ENDSWITH:
         pred = and_(func.length(x) >= len(text),
                     func.substr(x, func.length(x) - len(text) + 1, type_=String) == text)
     elif op in _ORDERING:
-        pred = _ordered(_bytewise(x), op, literal(text, String))
+        pred = _ordered(dialect.bytewise(x), op, literal(text, String))
     else:
         pred = x == text
     return _definite(pred) if nullable else pred

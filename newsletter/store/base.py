@@ -183,12 +183,13 @@ class DeliveryStore(Protocol):
         ...
 
     def begin(self, marks: Sequence[Mark], *,
-              usage: Sequence[tuple[str, int, int]] = (), bounce_threshold: int = 1) -> set[int]:
+              usage: Sequence[tuple[str, int, int]] = (), bounce_threshold: int = 1,
+              worker: int | None = None) -> set[int]:
         """Record outcomes and move due rows to 'sending', in one transaction; also add
         (relay, second, count) usage, and bounce the memberships of marks with `bounce`
         (suppressing the address at `bounce_threshold` hard bounces). Returns the ids it
         moved to 'sending'; a row missing from it was changed meanwhile (the subscriber
-        left) and must not be sent."""
+        left, or, with `worker`, the worker's claim on it lapsed) and must not be sent."""
         ...
 
     def heartbeat(self, campaign_id: int, *, runner: str, note: str | None = None) \
@@ -216,3 +217,35 @@ class DeliveryStore(Protocol):
         ...
 
     def delivery_counts(self, campaign_id: int) -> DeliveryCounts: ...
+
+    # Shared delivery (`newsletter worker`): rows are claimed by workers under a lease.
+
+    def join_campaign(self, campaign_id: int) -> RunStart:
+        """A worker starts on a campaign handed to the workers (ConflictError if it is not)."""
+        ...
+
+    def claim_batch(self, campaign_id: int, *, worker: int, limit: int,
+                    after_id: int = 0) -> Batch:
+        """Claim up to `limit` due rows for this worker (queued ones after `after_id`, the
+        last batch's `last_id`); rows others hold are skipped over."""
+        ...
+
+    def release_claims(self, campaign_id: int, *, worker: int) -> int:
+        """Hand back this worker's claimed, unsent rows of the campaign."""
+        ...
+
+    def renew_worker(self, worker_id: int, *, lease: float, campaign_id: int | None = None) \
+            -> bool:
+        """Extend the worker's lease; False if it was lost and its rows went to others."""
+        ...
+
+    def finish_shared(self, campaign_id: int, *, pause: str | None = None) -> CampaignStatus:
+        """Complete the campaign if nothing is left unfinished, or pause it for every
+        worker with this reason; returns its status."""
+        ...
+
+    def reserve_relay(self, relay: str, want: int, windows: Sequence[tuple[int, float]], *,
+                      second: int) -> tuple[int, int]:
+        """Take up to `want` sending slots on a relay within every (limit, seconds) window,
+        counted over all workers; returns (granted, index of the window that was full)."""
+        ...

@@ -10,6 +10,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from ..errors import ConfigError, StoreError
+from . import dialect
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -17,7 +18,9 @@ if TYPE_CHECKING:
 # The newest migration. A test checks it against alembic's own head, so it cannot drift;
 # knowing it here lets a process whose schema is current skip importing alembic (12 MiB of
 # a sender's memory).
-HEAD = "0006"
+HEAD = "0007"
+# The PostgreSQL advisory lock held while migrating.
+MIGRATION_ADVISORY_KEY = dialect.advisory_key("newsletter.migrate")
 
 
 def make_engine(url: str) -> Engine:
@@ -40,19 +43,8 @@ def make_engine(url: str) -> Engine:
     except Exception as exc:  # a missing driver, a bad option
         raise ConfigError("NEWSLETTER_DATABASE_URL", str(exc).splitlines()[0]) from None
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", dialect.sqlite_pragmas)
     return engine
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    # WAL lets readers (ls, the web) run while a send writes; NORMAL keeps every committed
-    # transaction across a process crash (kill -9) and skips an fsync per commit.
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.close()
 
 
 def alembic_config() -> Config:
@@ -71,15 +63,34 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision; cheap (and alembic-free) when it already is."""
-    try:
-        if current_revision(engine) == HEAD:
-            return
-        cfg = alembic_config()
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            from alembic import command
+    """Bring the schema to the newest revision; cheap (and alembic-free) when it already is.
 
-            command.upgrade(cfg, "head")
+    Processes starting at once on a new or older database (workers on several machines)
+    take turns: one migrates, the others wait for it, then find nothing left to do."""
+    try:
+        found = current_revision(engine)
+        if found == HEAD:
+            return
+        _refuse_newer(found)
+        with dialect.migration_lock(engine, MIGRATION_ADVISORY_KEY):
+            found = current_revision(engine)  # another process may have done it meanwhile
+            if found == HEAD:
+                return
+            _refuse_newer(found)
+            cfg = alembic_config()
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                from alembic import command
+
+                command.upgrade(cfg, "head")
     except OperationalError as exc:
         raise StoreError(f"cannot open the database: {exc.orig}") from None
+
+
+def _refuse_newer(found: str | None) -> None:
+    """A database a newer release migrated: say so, instead of alembic's traceback about a
+    revision it cannot locate. (Revisions are numbered 0001, 0002, ... in order.)"""
+    if found is not None and found.isdigit() and len(found) == len(HEAD) and found > HEAD:
+        raise StoreError(f"the database is at schema revision {found}, newer than this "
+                         f"installation of newsletter knows ({HEAD}): upgrade newsletter on "
+                         "this machine to the release the others run")

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, up
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConflictError, NotFoundError
-from . import suppression
+from . import dialect, suppression
 from .schema import (
     CampaignStatus,
     MembershipStatus,
@@ -325,11 +325,8 @@ def erase(engine: Engine, sid: int) -> dict[str, int]:
     suppression list so no import or form can add it back. Ledger rows stay (campaign
     counts do not change) but lose their error text, which may quote the address."""
     now = utcnow()
-    sqlite = engine.dialect.name == "sqlite"
     with engine.begin() as conn:
-        if sqlite:
-            # Deleted rows otherwise linger in free pages of the file until reused.
-            conn.exec_driver_sql("PRAGMA secure_delete = ON")
+        dialect.secure_delete(conn)
         row = conn.execute(select(subscribers.c.email_key).where(
             subscribers.c.id == sid)).one()
         key = row.email_key
@@ -358,11 +355,7 @@ def erase(engine: Engine, sid: int) -> dict[str, int]:
         counts["audit_entries_scrubbed"] = conn.execute(
             update(audit_log).where(audit_log.c.target == key)
             .values(target=f"subscriber #{sid} (erased)")).rowcount
-    if sqlite:
-        with engine.connect() as conn:
-            # Copy the overwritten pages into the database file now, and empty the WAL,
-            # which still holds the old versions of the pages.
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    dialect.flush_deleted(engine)
     return counts
 
 

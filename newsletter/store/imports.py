@@ -54,22 +54,20 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
-    cast,
     exists,
     func,
     insert,
     literal,
     literal_column,
-    not_,
     or_,
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import IntegrityError
 
 from ..errors import HeaderInjectionError, ImportFileError
 from ..headers import check_header_text
-from . import suppression
+from . import dialect, suppression
 from .schema import (
     TZ,
     MembershipStatus,
@@ -388,39 +386,9 @@ _stage = Table(
     Index("ix_import_stage_key", "email_key", "line"),
     prefixes=["TEMPORARY"],
 )
+# A chunk that lost a race for a new address is decided again this many times in all.
+_CHUNK_ATTEMPTS = 5
 _STAGED_COLUMNS = ("line", "email", "email_key", "name", "attrs", "outcome", "reason")
-
-
-# --- dialect helpers: everything not portable SQL is here ---
-
-def _begin_write(conn: Connection) -> None:
-    """Start a chunk's transaction. SQLite: take the write lock first (BEGIN IMMEDIATE),
-    because a transaction that reads and then writes fails at once, busy timeout or not,
-    when another writer committed in between; waiting for the lock up front is safe."""
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def _json_merge(conn: Connection, old: ColumnElement[Any],
-                new: ColumnElement[Any]) -> ColumnElement[Any]:
-    """The JSON object old with new's keys set (new holds only strings, so a shallow merge)."""
-    if conn.dialect.name == "sqlite":
-        return func.json_patch(old, new)
-    if conn.dialect.name == "postgresql":  # not yet exercised by the tests
-        return cast(cast(old, JSONB).op("||")(cast(new, JSONB)), JSON)
-    raise NotImplementedError(f"imports on {conn.dialect.name}")
-
-
-def _json_changes(conn: Connection, old: ColumnElement[Any],
-                  new: ColumnElement[Any]) -> ColumnElement[bool]:
-    """True when merging new into old would change old."""
-    if conn.dialect.name == "sqlite":
-        # json() minifies old the way json_patch writes its result.
-        return func.json_patch(old, new).is_distinct_from(func.json(old))
-    if conn.dialect.name == "postgresql":  # not yet exercised by the tests
-        contains = cast(old, JSONB).op("@>", return_type=Boolean)(cast(new, JSONB))
-        return not_(contains)
-    raise NotImplementedError(f"imports on {conn.dialect.name}")
 
 
 def _executemany_sql(conn: Connection) -> tuple[str, bool]:
@@ -477,7 +445,8 @@ class _Chunks:
             .where(s.c.email_key == st.c.email_key, m.c.list_id == lid).scalar_subquery()
         differs = or_(
             and_(st.c.name != "", st.c.name != s.c.name),
-            and_(st.c.attrs.is_not(None), _json_changes(self.conn, s.c.attributes, st.c.attrs)),
+            and_(st.c.attrs.is_not(None),
+                 dialect.json_changes(self.conn, s.c.attributes, st.c.attrs)),
         )
         decide = [
             # The first valid occurrence of an address counts; later ones are duplicates,
@@ -508,7 +477,7 @@ class _Chunks:
             update(s).where(s.c.id == st.c.sub_id, chunk, st.c.changed.is_(True)).values(
                 name=case((st.c.name != "", st.c.name), else_=s.c.name),
                 attributes=case((st.c.attrs.is_(None), s.c.attributes),
-                                else_=_json_merge(self.conn, s.c.attributes, st.c.attrs))),
+                                else_=dialect.json_merge(self.conn, s.c.attributes, st.c.attrs))),
             # In file order, so new subscribers' ids follow the file.
             insert(s).from_select(
                 ["email", "email_key", "name", "attributes", "created_at"],
@@ -538,19 +507,31 @@ class _Chunks:
         conn.exec_driver_sql(self.insert_sql, rows)
         conn.commit()  # TEMP only: no lock on the database file yet
         params = {"lo": batch[0][0], "hi": batch[-1][0], "now": dt.datetime.now(dt.UTC)}
-        if not self.dry_run:
-            _begin_write(conn)
-        try:
-            for stmt in self.decide:
-                conn.execute(stmt, params)
+        for attempt in range(_CHUNK_ATTEMPTS):
             if not self.dry_run:
-                for stmt in self.apply:
+                dialect.begin_write(conn)
+            try:
+                for stmt in self.decide:
                     conn.execute(stmt, params)
-            self._count(params)
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.commit()
+                if not self.dry_run:
+                    for stmt in self.apply:
+                        conn.execute(stmt, params)
+                self._count(params)
+            except IntegrityError:
+                # PostgreSQL: another writer (a second import, the subscribe form) added one
+                # of this chunk's new addresses after we decided it was new. The whole
+                # chunk rolls back (the staged rows' decisions too) and is decided again,
+                # now seeing that address as existing. SQLite's write lock, taken before
+                # deciding, cannot let this happen.
+                conn.rollback()
+                if attempt == _CHUNK_ATTEMPTS - 1:
+                    raise
+                continue
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+            return
 
     def _count(self, params: dict[str, Any]) -> None:
         st, report = _stage, self.report

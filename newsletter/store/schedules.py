@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -23,13 +22,13 @@ from sqlalchemy import (
     delete,
     insert,
     select,
-    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
 from ..errors import NotFoundError
+from .dialect import PG_BACKEND_PID, PG_HELD, PG_KEEPALIVES, PG_TRY_LOCK, PG_UNLOCK, advisory_key
 from .schema import CampaignStatus, campaigns, locks, schedule_runs, schedules, utcnow
 
 log = logging.getLogger(__name__)
@@ -214,27 +213,7 @@ class LeaseLock:
         self.store.release_lock(self.name, self.holder)
 
 
-def advisory_key(name: str) -> int:
-    """A fixed signed 64-bit key for pg_advisory_lock(bigint): the first 8 bytes of
-    sha256(name)."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-
-
 SCHEDULER_ADVISORY_KEY = advisory_key("newsletter.scheduler")
-
-# PostgreSQL's advisory lock functions, all on the lock's own connection. A bigint key shows
-# in pg_locks as classid (high 32 bits), objid (low 32 bits) and objsubid 1.
-PG_TRY_LOCK = text("SELECT pg_try_advisory_lock(:key)")
-PG_UNLOCK = text("SELECT pg_advisory_unlock(:key)")
-PG_HELD = text(
-    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-    " AND pid = pg_backend_pid() AND objsubid = 1"
-    " AND classid = CAST(:classid AS bigint)::oid AND objid = CAST(:objid AS bigint)::oid")
-# The server drops the session of a holder whose machine vanished (no FIN) within about
-# 10 + 3 * 5 s, so its lock does not outlive it by hours of TCP timeouts.
-PG_KEEPALIVES = text("SELECT set_config('tcp_keepalives_idle', '10', false),"
-                     " set_config('tcp_keepalives_interval', '5', false),"
-                     " set_config('tcp_keepalives_count', '3', false)")
 
 
 class PostgresAdvisoryLock:
@@ -272,7 +251,7 @@ class PostgresAdvisoryLock:
             conn = self._engine.connect()
             try:
                 conn.execute(PG_KEEPALIVES)
-                self.pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                self.pid = conn.execute(PG_BACKEND_PID).scalar_one()
             except Exception:
                 conn.close()
                 raise

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 
@@ -207,11 +208,19 @@ deliveries = Table(
     Column("relay", String(64), nullable=True),     # the relay of the last attempt
     # Which edition (language) of a bilingual campaign this recipient gets; None: the main.
     Column("edition", String(16), nullable=True),
+    # The `newsletter worker` (workers.id) that claimed the row: set while it is claimed or
+    # being sent, cleared with its outcome. No foreign key: when a worker's lease runs out
+    # its rows are released or marked unknown first, then its row is deleted.
+    Column("worker_id", Integer, nullable=True),
     UniqueConstraint("campaign_id", "subscriber_id"),
     # Batches walk a campaign's due rows in id order; counts group by status.
     Index(None, "campaign_id", "status", "id"),
     # An unsubscribe skips the address's queued rows in every campaign: find them directly.
     Index(None, "subscriber_id"),
+    # A dead worker's rows, found directly; partial, so only rows in hand are indexed.
+    Index("ix_deliveries_worker_id", "worker_id",
+          sqlite_where=text("worker_id IS NOT NULL"),
+          postgresql_where=text("worker_id IS NOT NULL")),
 )
 
 # The web archive: one entry per issue and list, created when the issue starts going out.
@@ -302,6 +311,26 @@ schedule_runs = Table(
     Column("campaign_id", Integer, nullable=True),
     Column("note", Text, nullable=False, default="", server_default=""),
     UniqueConstraint("schedule_id", "fire_time"),
+)
+
+# Delivery workers (`newsletter worker`) alive on this database. A worker renews its lease;
+# once expires_at has passed, any other worker releases its claimed rows to the rest and
+# marks the rows it had handed to a relay 'unknown', then deletes this row.
+workers = Table(
+    "workers", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),          # host:pid, or --name
+    Column("started_at", TZ, nullable=False),
+    Column("heartbeat_at", TZ, nullable=False),
+    Column("expires_at", TZ, nullable=False),
+    Column("campaign_id", Integer, nullable=True),        # what it is sending now, for display
+)
+
+# One row per relay, locked by the transaction that reserves sending slots for it, so the
+# rate limits in relay_usage hold across every worker together.
+relay_locks = Table(
+    "relay_locks", metadata,
+    Column("relay", String(64), primary_key=True),
 )
 
 # Leases: only the holder of 'scheduler' fires jobs for this database.

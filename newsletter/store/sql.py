@@ -34,14 +34,12 @@ from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConflictError, NotFoundError
 from ..headers import check_header_text
-from ..render.message import Recipient
-from . import suppression
+from . import claims, suppression
 from .base import (
     ArchiveEntry,
     Batch,
     Campaign,
     DeliveryCounts,
-    Due,
     MailingList,
     Mark,
     Member,
@@ -90,17 +88,21 @@ class UpsertResult:
 
 
 # Hot statements as text: prepared once, executed many times per second during a send.
+# An outcome also ends a worker's claim on the row (store.claims).
 _MARK_OUTCOME = text(
     "UPDATE deliveries SET status = :status, last_error = :error, updated_at = :now, "
-    "next_attempt_at = :retry_at WHERE id = :id"
+    "next_attempt_at = :retry_at, worker_id = NULL WHERE id = :id"
 ).bindparams(bindparam("now", type_=TZ), bindparam("retry_at", type_=TZ))
 # Only a row still due may start sending: an unsubscribe that marked it 'skipped'
-# meanwhile wins, and the engine learns it from the row count.
-_MARK_SENDING = text(
-    "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, updated_at = :now, "
-    "first_attempt_at = COALESCE(first_attempt_at, :now), relay = :relay "
-    "WHERE id = :id AND status IN ('queued', 'failed_temp')"
-).bindparams(bindparam("now", type_=TZ))
+# meanwhile wins, and the engine learns it from the row count. A single-process run takes
+# only rows no worker has claimed; a worker only rows it still has claimed (a worker whose
+# lease ran out finds its rows gone to others here, not in the mailbox).
+_SENDING = ("UPDATE deliveries SET status = 'sending', attempts = attempts + 1, "
+            "updated_at = :now, first_attempt_at = COALESCE(first_attempt_at, :now), "
+            "relay = :relay WHERE id = :id AND status IN ('queued', 'failed_temp') AND ")
+_MARK_SENDING = text(_SENDING + "worker_id IS NULL").bindparams(bindparam("now", type_=TZ))
+_MARK_SENDING_CLAIMED = text(_SENDING + "worker_id = :worker") \
+    .bindparams(bindparam("now", type_=TZ))
 # Relay usage per second; the same upsert syntax works on SQLite and PostgreSQL.
 _ADD_USAGE = text(
     "INSERT INTO relay_usage (relay, second, count) VALUES (:relay, :second, :count) "
@@ -129,7 +131,7 @@ _EVENT = text(
     "VALUES (:lid, :sid, :old, :status, :source, :now)"
 ).bindparams(bindparam("now", type_=TZ))
 _SKIP_QUEUED = text(
-    "UPDATE deliveries SET status = 'skipped', updated_at = :now "
+    "UPDATE deliveries SET status = 'skipped', updated_at = :now, worker_id = NULL "
     "WHERE subscriber_id = :sid AND list_id = :lid AND status IN ('queued', 'failed_temp')"
 ).bindparams(bindparam("now", type_=TZ))
 
@@ -712,65 +714,33 @@ class SqlStore:
             enqueued = 0
             if row.started_at is None:
                 enqueued = _enqueue_audience(conn, row, now)
-            # A run that died left rows in 'sending': the relay may have taken them.
+            # A run that died left rows in 'sending': the relay may have taken them. (Rows
+            # a worker is sending are its own; its lease decides about them.)
             unknown = conn.execute(update(deliveries).where(
                 deliveries.c.campaign_id == campaign_id,
-                deliveries.c.status == DeliveryStatus.SENDING,
+                deliveries.c.status == DeliveryStatus.SENDING, deliveries.c.worker_id.is_(None),
             ).values(status=DeliveryStatus.UNKNOWN, updated_at=now,
                      last_error="outcome unknown: the sending process stopped")).rowcount
-            temp = [deliveries.c.campaign_id == campaign_id,
-                    deliveries.c.status == DeliveryStatus.FAILED_TEMP]
-            if retry_now:  # someone asked for this run: temporary failures are due now
-                retrying = conn.execute(update(deliveries).where(*temp)
-                                        .values(next_attempt_at=now)).rowcount
-            else:
-                retrying = conn.execute(select(func.count()).select_from(deliveries)
-                                        .where(*temp)).scalar_one()
+            retrying = _retries(conn, campaign_id, now, due_now=retry_now)
         return RunStart(enqueued=enqueued, became_unknown=unknown, retrying=retrying)
 
     def due_batch(self, campaign_id: int, *, after_id: int, limit: int,
                   retries: bool = False) -> Batch:
         # Keyset pagination on the ledger's (campaign_id, status, id) index: constant cost per
-        # batch however far into the list we are. The membership is joined so that someone who
-        # left since the run started is skipped here rather than sent to.
-        query = (
-            select(deliveries.c.id, deliveries.c.subscriber_id, deliveries.c.list_id,
-                   deliveries.c.attempts, deliveries.c.first_attempt_at,
-                   subscribers.c.email, subscribers.c.name, memberships.c.status,
-                   deliveries.c.edition)
-            .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
-            .outerjoin(memberships, and_(memberships.c.list_id == deliveries.c.list_id,
-                                         memberships.c.subscriber_id == deliveries.c.subscriber_id))
-            .where(deliveries.c.campaign_id == campaign_id, deliveries.c.id > after_id)
-            .order_by(deliveries.c.id).limit(limit)
-        )
-        if retries:
-            query = query.where(deliveries.c.status == DeliveryStatus.FAILED_TEMP,
-                                deliveries.c.next_attempt_at <= utcnow())
-        else:
-            # A local-time campaign holds rows until their zone's time (next_attempt_at).
-            query = query.where(deliveries.c.status == DeliveryStatus.QUEUED,
-                                deliveries.c.next_attempt_at.is_(None)
-                                | (deliveries.c.next_attempt_at <= utcnow()))
-        due: list[Due] = []
-        gone: list[int] = []
-        last = 0
+        # batch however far into the list we are. Rows a worker holds are its own.
+        now = utcnow()
+        query = (claims.ledger_rows()
+                 .where(deliveries.c.campaign_id == campaign_id, deliveries.c.id > after_id,
+                        claims.claimable(now)[1 if retries else 0])
+                 .order_by(deliveries.c.id).limit(limit))
         with self.engine.begin() as conn:
-            for r in conn.execute(query):
-                last = r.id
-                if r.status != MembershipStatus.ACTIVE:
-                    gone.append(r.id)
-                else:
-                    due.append(Due(r.id, Recipient(r.subscriber_id, r.list_id, r.email, r.name,
-                                                   r.edition),
-                                   r.attempts, r.first_attempt_at))
-            if gone:
-                conn.execute(update(deliveries).where(deliveries.c.id.in_(gone))
-                             .values(status=DeliveryStatus.SKIPPED, updated_at=utcnow()))
-        return Batch(due, len(gone), last)
+            rows = conn.execute(query).all()
+            due, skipped = claims.take_due(conn, rows, now)
+        return Batch(due, skipped, rows[-1].id if rows else 0)
 
     def begin(self, marks: Sequence[Mark], *,
-              usage: Sequence[tuple[str, int, int]] = (), bounce_threshold: int = 1) -> set[int]:
+              usage: Sequence[tuple[str, int, int]] = (), bounce_threshold: int = 1,
+              worker: int | None = None) -> set[int]:
         now = utcnow()
         outcomes = [{"id": m.delivery_id, "status": str(m.status), "error": m.error, "now": now,
                      "retry_at": m.retry_at}
@@ -792,8 +762,13 @@ class SqlStore:
                                           for r, sec, n in usage])
             if not wanted:
                 return set()
-            moved = conn.execute(_MARK_SENDING, [{"id": i, "now": now, "relay": sending[i]}
-                                                 for i in wanted]).rowcount
+            if worker is None:
+                moved = conn.execute(_MARK_SENDING, [{"id": i, "now": now, "relay": sending[i]}
+                                                     for i in wanted]).rowcount
+            else:
+                moved = conn.execute(_MARK_SENDING_CLAIMED, [
+                    {"id": i, "now": now, "relay": sending[i], "worker": worker}
+                    for i in wanted]).rowcount
             if moved == len(wanted):
                 return wanted
             # Rare: someone unsubscribed between the batch read and now. Find who is left.
@@ -860,6 +835,72 @@ class SqlStore:
             conn.execute(update(campaigns).where(campaigns.c.id == campaign_id,
                                                  campaigns.c.runner == runner).values(**values))
         return status
+
+    # --- shared delivery: workers (store.claims) ---------------------------------------------
+
+    def start_campaign(self, campaign_id: int, *, retry_now: bool = False,
+                       stale_after: float = 90.0) -> RunStart:
+        """Hand a campaign to the workers: fix its audience in the ledger (first time only)
+        and mark it running with no single process holding it."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            row = conn.execute(select(campaigns).where(campaigns.c.id == campaign_id)).first()
+            if row is None:
+                raise NotFoundError(f"no campaign {campaign_id}")
+            if row.status in (CampaignStatus.CANCELLED, CampaignStatus.PAUSED):
+                raise ConflictError(f"campaign {campaign_id} is {row.status}")
+            started = conn.execute(update(campaigns).where(
+                campaigns.c.id == campaign_id,
+                campaigns.c.runner.is_(None)
+                | (campaigns.c.heartbeat_at < now - dt.timedelta(seconds=stale_after)),
+            ).values(status=CampaignStatus.RUNNING, runner=None, heartbeat_at=None,
+                     started_at=func.coalesce(campaigns.c.started_at, now), finished_at=None,
+                     last_error=None, status_note=None)).rowcount
+            if not started:
+                raise ConflictError(f"campaign {campaign_id} is being sent by {row.runner}")
+            enqueued = _enqueue_audience(conn, row, now) if row.started_at is None else 0
+            retrying = _retries(conn, campaign_id, now, due_now=retry_now)
+        return RunStart(enqueued=enqueued, became_unknown=0, retrying=retrying)
+
+    def register_worker(self, name: str, *, lease: float) -> int:
+        return claims.register(self.engine, name, lease=lease)
+
+    def renew_worker(self, worker_id: int, *, lease: float, campaign_id: int | None = None) \
+            -> bool:
+        return claims.renew(self.engine, worker_id, lease=lease, campaign_id=campaign_id)
+
+    def retire_worker(self, worker_id: int) -> claims.Reaped:
+        return claims.retire(self.engine, worker_id)
+
+    def reset_worker(self, worker_id: int) -> claims.Reaped:
+        return claims.reset(self.engine, worker_id)
+
+    def reap_workers(self) -> list[claims.Reaped]:
+        return claims.reap(self.engine)
+
+    def live_workers(self) -> list[claims.WorkerInfo]:
+        return claims.live(self.engine)
+
+    def campaigns_with_work(self) -> list[int]:
+        return claims.campaigns_with_work(self.engine)
+
+    def join_campaign(self, campaign_id: int) -> RunStart:
+        return claims.join(self.engine, campaign_id)
+
+    def claim_batch(self, campaign_id: int, *, worker: int, limit: int,
+                    after_id: int = 0) -> Batch:
+        return claims.claim(self.engine, campaign_id, worker, limit=limit, after_id=after_id)
+
+    def release_claims(self, campaign_id: int, *, worker: int) -> int:
+        return claims.release_claims(self.engine, worker, campaign_id)
+
+    def finish_shared(self, campaign_id: int, *, pause: str | None = None) -> CampaignStatus:
+        self.close()
+        return claims.finish(self.engine, campaign_id, pause=pause)
+
+    def reserve_relay(self, relay: str, want: int, windows: Sequence[tuple[int, float]], *,
+                      second: int) -> tuple[int, int]:
+        return claims.reserve(self.engine, relay, want, windows, second=second)
 
     # --- campaign control (from any process) -------------------------------------------------
 
@@ -999,6 +1040,18 @@ class SqlStore:
                 .order_by(deliveries.c.id)
             ).all()
         return [(r.email, r.last_error or "") for r in rows]
+
+
+def _retries(conn: Connection, campaign_id: int, now: dt.datetime, *, due_now: bool) -> int:
+    """How many of a campaign's rows failed temporarily; with due_now (someone asked for
+    this run) they are all made due at once rather than at their backoff time."""
+    temp = [deliveries.c.campaign_id == campaign_id,
+            deliveries.c.status == DeliveryStatus.FAILED_TEMP]
+    if due_now:
+        return int(conn.execute(update(deliveries).where(*temp)
+                                .values(next_attempt_at=now)).rowcount)
+    return int(conn.execute(select(func.count()).select_from(deliveries)
+                            .where(*temp)).scalar_one())
 
 
 def _enqueue_audience(conn: Connection, row: Row[Any], now: dt.datetime) -> int:

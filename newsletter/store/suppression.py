@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Connection, Engine, delete, exists, insert, or_, select
+from sqlalchemy import ColumnElement, Connection, Engine, delete, exists, insert, or_, select, text
 from sqlalchemy import update as sql_update
 
 from ..errors import ConflictError, NotFoundError
@@ -105,9 +105,17 @@ def salt(conn: Connection) -> bytes:
     """This database's salt for erased addresses' hashes, created on first use."""
     value = conn.execute(select(meta.c.value).where(meta.c.key == _SALT_KEY)).scalar()
     if value is None:
-        value = secrets.token_hex(32)
-        conn.execute(insert(meta).values(key=_SALT_KEY, value=value))
+        # Migration 0007 creates it; a database migrated before that gets it here. Two
+        # processes may get here at once: the second's insert does nothing, and both read
+        # the one that was stored.
+        conn.execute(_ADD_SALT, {"key": _SALT_KEY, "value": secrets.token_hex(32)})
+        value = conn.execute(select(meta.c.value).where(meta.c.key == _SALT_KEY)).scalar_one()
     return bytes.fromhex(value)
+
+
+# The same upsert syntax on SQLite and PostgreSQL.
+_ADD_SALT = text("INSERT INTO meta (key, value) VALUES (:key, :value) "
+                 "ON CONFLICT (key) DO NOTHING")
 
 
 def load_check(engine: Engine) -> SuppressionCheck:
@@ -156,7 +164,7 @@ def add(conn: Connection, value: str, *, kind: SuppressionKind, reason: str, not
     conn.execute(sql_update(deliveries).where(
         deliveries.c.subscriber_id.in_(who.scalar_subquery()),
         deliveries.c.status.in_([DeliveryStatus.QUEUED, DeliveryStatus.FAILED_TEMP]),
-    ).values(status=DeliveryStatus.SKIPPED, updated_at=now))
+    ).values(status=DeliveryStatus.SKIPPED, updated_at=now, worker_id=None))  # claims end
     return True
 
 
