@@ -78,12 +78,25 @@ def cron_trigger(cron: str, tz: str) -> CronTrigger:
         raise ConfigError("--cron", f"{cron!r}: {exc}") from None
 
 
+class SharedEngineJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
+    """APScheduler's SQLAlchemy job store on the application's own engine.
+
+    APScheduler's shutdown() disposes the job store's engine. Ours is shared with everything
+    else in the process, so a scheduler that stops or loses its lock would dispose the pool
+    under running sends: their checked-out connections then go back to a pool nobody holds
+    and stay open until the garbage collector finds them (a PostgreSQL backend each). The
+    engine belongs to the Store, which closes it."""
+
+    def shutdown(self) -> None:
+        pass
+
+
 def _job_store(nl: Newsletter) -> SQLAlchemyJobStore:
     """The shared job store, opened without a running scheduler: editors' commands change
     jobs here and the running scheduler (any process) sees them at its next wake-up, within
     a second. A scheduler object is needed only to build Job objects; it is never started,
     so nothing can fire in this process."""
-    store = SQLAlchemyJobStore(engine=nl.store.engine)
+    store = SharedEngineJobStore(engine=nl.store.engine)
     store.start(BlockingScheduler(timezone=dt.UTC), "default")
     return store
 
@@ -289,7 +302,7 @@ class Scheduler:
             if have and self.scheduler is None:
                 _ACTIVE = self
                 self.scheduler = AsyncIOScheduler(
-                    jobstores={"default": SQLAlchemyJobStore(engine=self.nl.store.engine)},
+                    jobstores={"default": SharedEngineJobStore(engine=self.nl.store.engine)},
                     timezone=dt.UTC)
                 self.scheduler.add_listener(self._missed, EVENT_JOB_MISSED)
                 self.scheduler.add_listener(self._submitted, EVENT_JOB_SUBMITTED)

@@ -413,3 +413,37 @@ def test_a_schedule_firing_does_not_override_an_editors_pause(
     (run,) = schedules.store.runs(sched.id)
     assert run.outcome == "skipped" and "paused" in run.note
     assert nl.store.get_campaign(sched.campaign_id).status == "paused"
+
+
+def test_stopping_the_scheduler_leaves_the_applications_engine_open(tmp_path: Path) -> None:
+    """APScheduler's job store disposes its engine when the scheduler shuts down. Ours is
+    the application's, shared with sends in flight: a connection a send holds across the
+    stop must go back to the same pool, not to a disposed one where it would stay open until
+    the garbage collector found it (on PostgreSQL, a server backend each)."""
+    from sqlalchemy import text
+
+    nl = Newsletter(make_settings(tmp_path))
+    pool = nl.store.engine.pool
+
+    async def stop_while_a_connection_is_out() -> None:
+        scheduler = Scheduler(nl, tick=0.05)
+        await scheduler.start()
+        deadline = time.monotonic() + 10
+        while not scheduler.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert scheduler.active
+        with nl.store.engine.connect() as conn:  # a send's connection
+            await scheduler.stop()
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+        # A scheduler that loses its lock shuts APScheduler down the same way: a new one
+        # starts on the same engine afterwards.
+        again = Scheduler(nl, tick=0.05)
+        await again.start()
+        while not again.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert again.active
+        await again.stop()
+
+    asyncio.run(stop_while_a_connection_is_out())
+    assert nl.store.engine.pool is pool
+    assert pool.checkedout() == 0 and pool.checkedin() >= 1
