@@ -3,7 +3,6 @@ modules that opt into `db_backend`), the sample files."""
 
 from __future__ import annotations
 
-import gc
 import os
 import secrets
 from collections.abc import Iterator
@@ -83,9 +82,6 @@ def postgres_database(opened: list[Engine] | None = None) -> Iterator[str]:
         finally:
             for engine in engines:
                 engine.dispose()
-            # A connection the test left open is collected here, in its own teardown,
-            # where its warning names the test, not in whichever test the GC ran next.
-            gc.collect()
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
