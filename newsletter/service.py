@@ -318,11 +318,11 @@ class Newsletter:
                          "interrupted run are not resent")
         return SendPlan(campaign, mlists, new=False, due=due, notes=notes)
 
-    def relay_plans(self) -> list[RelayPlan]:
-        """The configured relays for this sender: those whose from_domains name its domain,
-        else those without from_domains, else all of them."""
+    def relay_plans(self, domain: str | None = None) -> list[RelayPlan]:
+        """The configured relays for a sender domain (default: from_address's): those whose
+        from_domains name it, else those without from_domains, else all of them."""
         configs = self.settings.relay_configs()
-        domain = self.settings.sender_domain
+        domain = (domain or self.settings.sender_domain).lower()
         chosen = ([c for c in configs if domain in [d.lower() for d in c.from_domains]]
                   or [c for c in configs if not c.from_domains] or configs)
         return [RelayPlan(SmtpRelayClient(c.smtp, timeout=self.settings.smtp_timeout),

@@ -281,6 +281,27 @@ def test_double_opt_in_pending_until_confirmed_twice_harmless_and_welcome(
         ("news", "pending", "form"), ("news", "active", "confirm")]
 
 
+def test_confirmation_mail_goes_through_relays_when_no_smtp_url_is_set(
+    tmp_path: Path,
+) -> None:
+    """With only [[relays]] configured, confirmation mail takes the relay chosen for its
+    sender's domain (transactional_from), as a send does; nothing goes to the capture
+    outbox (it used to, without a word, when smtp_url was not set)."""
+    with SmtpTestServer() as issues, SmtpTestServer() as transactional:
+        relays = [{"url": issues.url, "name": "bulk", "from_domains": ["example.org"]},
+                  {"url": transactional.url, "name": "tx", "from_domains": ["tx.example.org"]}]
+        nl = Newsletter(make_settings(tmp_path, relays=relays,
+                                      transactional_from="Desk <desk@tx.example.org>"))
+        nl.store.create_list("news")
+        with TestClient(create_app(nl)) as c:
+            resp = c.post("/subscribe/news", data={"email": "reader@example.com"})
+        assert resp.status_code == 200
+        assert [m.rcpt_tos for m in transactional.messages] == [["reader@example.com"]]
+        assert issues.messages == []
+        assert _links(_body_text(transactional.messages[0].data), "confirm")
+    assert not any(p.is_file() for p in nl.settings.outbox_dir.rglob("*"))
+
+
 def test_subscribing_an_active_address_reveals_nothing_and_sends_nothing(
     nl: Newsletter, client: TestClient, smtpd: SmtpTestServer,
 ) -> None:

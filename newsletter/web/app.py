@@ -78,15 +78,18 @@ class WebApp:
     async def start(self) -> None:
         relay = self.relay
         if relay is None:
-            if self.nl.settings.relay is None:
+            # Confirmation mail goes through the relay chosen for its sender's domain, from
+            # smtp_url or [[relays]] alike (send picks relays the same way).
+            domain = self.nl.settings.transactional_sender[1].rpartition("@")[2]
+            plans = self.nl.relay_plans(domain)
+            if plans:
+                relay = plans[0].relay
+            else:
                 # No SMTP server configured: confirmation mail goes to the capture outbox,
                 # like the demo's issues.
                 self.capture = CaptureServer(self.nl.settings.outbox_dir)
                 await self.capture.start()
                 relay = SmtpRelayClient(self.capture.relay, timeout=10)
-            else:
-                relay = SmtpRelayClient(self.nl.settings.relay,
-                                        timeout=self.nl.settings.smtp_timeout)
         self.nl.store  # noqa: B018 - open and migrate the database before the first request
         self._subs = Subscriptions(self.nl, relay)
         if self.run_scheduler and self.nl.settings.scheduler_in_serve:
