@@ -173,6 +173,17 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
+def issue(tmp_path: Path) -> Path:
+    """The test issue (test_content's MD) as a file; a module with its own issue overrides
+    this fixture."""
+    from .test_content import MD  # here: test_content imports from this module
+
+    path = tmp_path / "issue.md"
+    path.write_text(MD, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
 def settings(tmp_path: Path, smtpd: SmtpTestServer) -> Settings:
     return make_settings(tmp_path, smtp_url=smtpd.url)
 

@@ -34,13 +34,6 @@ FAST_RETRY: dict[str, Any] = {"retry_base_seconds": 0.01, "retry_max_interval_se
                               "retry_wait_seconds": 30}
 
 
-@pytest.fixture
-def issue(tmp_path: Path) -> Path:
-    path = tmp_path / "issue.md"
-    path.write_text(MD, encoding="utf-8")
-    return path
-
-
 def _send(nl: Newsletter, issue: Path, *slugs: str) -> tuple[SendPlan, Any]:
     plan = nl.plan_send(issue, list(slugs))
     return plan, asyncio.run(nl.run(plan))

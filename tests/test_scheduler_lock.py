@@ -31,16 +31,8 @@ from newsletter.store.schedules import (
 
 from .conftest import SECRET, add_subscribers, make_settings, open_app
 from .smtpd import SmtpTestServer
-from .test_content import MD
 
 TICK = 0.1
-
-
-@pytest.fixture
-def issue(tmp_path: Path) -> Path:
-    path = tmp_path / "issue.md"
-    path.write_text(MD, encoding="utf-8")
-    return path
 
 
 def _soon(seconds: float) -> dt.datetime:

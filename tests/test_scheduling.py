@@ -25,13 +25,6 @@ from .test_content import MD
 pytestmark = pytest.mark.usefixtures("db_backend")
 
 
-@pytest.fixture
-def issue(tmp_path: Path) -> Path:
-    path = tmp_path / "issue.md"
-    path.write_text(MD, encoding="utf-8")
-    return path
-
-
 def _soon(seconds: float) -> dt.datetime:
     return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
 

@@ -17,17 +17,9 @@ from newsletter.store.sql import NewMember
 
 from .conftest import add_subscribers, make_settings
 from .smtpd import Rule, SmtpTestServer
-from .test_content import MD
 
 # The store and delivery suite runs on SQLite and on PostgreSQL (conftest.db_backend).
 pytestmark = pytest.mark.usefixtures("db_backend")
-
-
-@pytest.fixture
-def issue(tmp_path: Path) -> Path:
-    path = tmp_path / "issue.md"
-    path.write_text(MD, encoding="utf-8")
-    return path
 
 
 def _send(nl: Newsletter, issue: Path, *slugs: str, again: bool = False):  # type: ignore[no-untyped-def]

@@ -28,14 +28,6 @@ from newsletter.store.sql import SqlStore
 
 from .conftest import SECRET, add_subscribers, make_settings
 from .smtpd import SmtpTestServer
-from .test_content import MD
-
-
-@pytest.fixture
-def issue(tmp_path: Path) -> Path:
-    path = tmp_path / "issue.md"
-    path.write_text(MD, encoding="utf-8")
-    return path
 
 
 def _campaign(nl: Newsletter, issue: Path, slug: str = "news") -> int:
