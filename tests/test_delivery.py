@@ -279,9 +279,12 @@ def test_an_hourly_limit_shows_in_the_campaign_status(
 # --- campaign control from another process ----------------------------------------------------
 
 def _cli(tmp_path: Path, smtpd: SmtpTestServer, *args: str) -> subprocess.CompletedProcess[str]:
+    # As make_settings: a run ends instead of waiting for a retry (a temporary failure
+    # then shows in the ledger's counts, not as a command that never returns).
     env = {"NEWSLETTER_DATABASE_URL": database_url(tmp_path),
            "NEWSLETTER_VAR_DIR": str(tmp_path / "var"), "NEWSLETTER_SMTP_URL": smtpd.url,
-           "NEWSLETTER_SECRET_KEY": SECRET, "PATH": "/usr/bin:/bin"}
+           "NEWSLETTER_SECRET_KEY": SECRET, "NEWSLETTER_RETRY_WAIT_SECONDS": "0",
+           "PATH": "/usr/bin:/bin"}
     return subprocess.run([sys.executable, "-m", "newsletter", *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
 

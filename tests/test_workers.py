@@ -27,6 +27,7 @@ from newsletter.store.schema import CampaignStatus, DeliveryStatus, deliveries, 
 from newsletter.store.sql import SqlStore
 
 from .conftest import SECRET, add_subscribers, make_settings
+from .sink import CountingSmtpServer
 from .smtpd import SmtpTestServer
 
 
@@ -232,14 +233,15 @@ def _until(check: Callable[[], bool], timeout: float, what: str) -> float:
 
 
 @pytest.fixture
-def quiet_smtpd() -> Iterator[SmtpTestServer]:
-    with SmtpTestServer() as server:
-        server.recorder.keep_data = False  # tens of thousands of messages: envelopes only
+def quiet_smtpd() -> Iterator[CountingSmtpServer]:
+    """Tens of thousands of messages: a server that keeps envelopes only, fast enough that
+    the workers, not the test's server, set the pace."""
+    with CountingSmtpServer() as server:
         yield server
 
 
 def test_four_workers_send_20000_recipients_exactly_once(
-        pg_url: str, tmp_path: Path, quiet_smtpd: SmtpTestServer, issue: Path) -> None:
+        pg_url: str, tmp_path: Path, quiet_smtpd: CountingSmtpServer, issue: Path) -> None:
     nl = Newsletter(make_settings(tmp_path, database_url=pg_url, smtp_url=quiet_smtpd.url,
                                   delivery_workers=True))
     try:
@@ -264,7 +266,7 @@ def test_four_workers_send_20000_recipients_exactly_once(
 
 
 def test_a_worker_killed_mid_batch_loses_no_one_and_sends_no_one_twice(
-        pg_url: str, tmp_path: Path, quiet_smtpd: SmtpTestServer, issue: Path) -> None:
+        pg_url: str, tmp_path: Path, quiet_smtpd: CountingSmtpServer, issue: Path) -> None:
     """kill -9 one of three workers while it holds claimed rows and has messages in flight:
     after its lease (2 s) the others send its claimed rows; what it had in flight is
     'unknown' and is not resent; nobody gets two copies and everyone is accounted for."""
@@ -304,7 +306,7 @@ def test_a_worker_killed_mid_batch_loses_no_one_and_sends_no_one_twice(
 
 
 def test_workers_ride_out_lost_database_connections(
-        pg_url: str, tmp_path: Path, quiet_smtpd: SmtpTestServer, issue: Path) -> None:
+        pg_url: str, tmp_path: Path, quiet_smtpd: CountingSmtpServer, issue: Path) -> None:
     """Every connection of two sending workers is terminated by the server (what a database
     restart or failover does to them): they say so, give up what they held (claims back,
     messages in flight 'unknown'), reconnect and finish; nobody gets two copies."""
@@ -341,7 +343,7 @@ def test_workers_ride_out_lost_database_connections(
 
 
 def test_pause_resume_and_cancel_reach_every_worker(
-        pg_url: str, tmp_path: Path, quiet_smtpd: SmtpTestServer, issue: Path) -> None:
+        pg_url: str, tmp_path: Path, quiet_smtpd: CountingSmtpServer, issue: Path) -> None:
     """Three workers on one campaign: a pause stops them all (and they hand their claims
     back), a resume sets them going again, a cancel stops them for good; each within a
     second, and nobody gets a message twice."""
@@ -406,7 +408,7 @@ def test_pause_resume_and_cancel_reach_every_worker(
 
 
 def test_relay_rate_limit_holds_across_workers(
-        pg_url: str, tmp_path: Path, quiet_smtpd: SmtpTestServer, issue: Path) -> None:
+        pg_url: str, tmp_path: Path, quiet_smtpd: CountingSmtpServer, issue: Path) -> None:
     """20 messages per second through one relay, three workers: together, not each."""
     nl = Newsletter(make_settings(tmp_path, database_url=pg_url, smtp_url=quiet_smtpd.url))
     try:
