@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from newsletter.service import Newsletter
 from newsletter.settings import Settings, load_settings
@@ -51,9 +53,60 @@ def smtpd() -> Iterator[SmtpTestServer]:
         yield server
 
 
+# A database migrated once per session on the PostgreSQL server, which the db_backend tests
+# copy (CREATE DATABASE ... TEMPLATE) instead of each running the migrations; dropped when
+# the session ends. Tests about migrations get an empty database (pg_url, empty_database).
+_template: str | None = None
+
+
+def _admin_url() -> Any:
+    return make_url(POSTGRES_SERVER).set(drivername="postgresql+psycopg")
+
+
+def _migrated_template(admin: Engine) -> str:
+    global _template
+    if _template is None:
+        name = f"nl_template_{secrets.token_hex(6)}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        engine = store_db.make_engine(_admin_url().set(drivername="postgresql", database=name)
+                                      .render_as_string(hide_password=False))
+        try:
+            store_db.migrate(engine)
+        finally:
+            engine.dispose()
+        _template = name
+    return _template
+
+
+def _drop_template() -> None:
+    """At the end of the session (pytest_sessionfinish, below)."""
+    if _template is not None:
+        admin = create_engine(_admin_url(), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{_template}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _create_database(admin: Engine, name: str, template: str | None) -> None:
+    sql = f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")
+    for attempt in range(50):
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(sql))
+            return
+        except OperationalError as exc:
+            # The template's last session may still be ending on the server.
+            if "being accessed by other users" not in str(exc) or attempt == 49:
+                raise
+            time.sleep(0.1)
+
+
 @contextmanager
-def postgres_database(opened: list[Engine] | None = None) -> Iterator[str]:
-    """A fresh, empty database on the NEWSLETTER_TEST_POSTGRES_URL server, dropped afterwards.
+def postgres_database(opened: list[Engine] | None = None, *,
+                      migrated: bool = False) -> Iterator[str]:
+    """A fresh database on the NEWSLETTER_TEST_POSTGRES_URL server, dropped afterwards:
+    empty, or with `migrated` a copy of the session's migrated template.
 
     Yields its URL with the plain scheme, as a user would write it (the app picks psycopg).
     Every engine the program makes meanwhile is kept and disposed before the drop: a pooled
@@ -61,7 +114,7 @@ def postgres_database(opened: list[Engine] | None = None) -> Iterator[str]:
     into errors."""
     if not POSTGRES_SERVER:
         pytest.skip(NO_POSTGRES)
-    admin_url = make_url(POSTGRES_SERVER).set(drivername="postgresql+psycopg")
+    admin_url = _admin_url()
     name = f"nl_test_{secrets.token_hex(6)}"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     engines: list[Engine] = [] if opened is None else opened
@@ -72,8 +125,7 @@ def postgres_database(opened: list[Engine] | None = None) -> Iterator[str]:
         return engine
 
     try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        _create_database(admin, name, _migrated_template(admin) if migrated else None)
         try:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(store_db, "create_engine", keep)
@@ -141,7 +193,8 @@ def db_backend(request: pytest.FixtureRequest) -> Iterator[str]:
         yield "sqlite"
         return
     engines: list[Engine] = []
-    with postgres_database(engines) as url:
+    empty = request.node.get_closest_marker("empty_database") is not None
+    with postgres_database(engines, migrated=not empty) as url:
         _database_url = url
         try:
             yield "postgresql"
@@ -214,6 +267,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _drop_template()
     # CI sets NEWSLETTER_TEST_NO_SKIP=1: a skipped test there means something required
     # (a tool, a service) was missing, which must fail the run rather than pass quietly.
     if _skipped and os.environ.get("NEWSLETTER_TEST_NO_SKIP") == "1":

@@ -19,6 +19,7 @@ from .conftest import database_url
 pytestmark = pytest.mark.usefixtures("db_backend")
 
 
+@pytest.mark.empty_database
 def test_migrations_create_exactly_the_declared_schema(tmp_path: Path) -> None:
     engine = make_engine(database_url(tmp_path))
     migrate(engine)
