@@ -285,8 +285,37 @@ def _cli(tmp_path: Path, smtpd: SmtpTestServer, *args: str) -> subprocess.Comple
            "NEWSLETTER_VAR_DIR": str(tmp_path / "var"), "NEWSLETTER_SMTP_URL": smtpd.url,
            "NEWSLETTER_SECRET_KEY": SECRET, "NEWSLETTER_RETRY_WAIT_SECONDS": "0",
            "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "newsletter", *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    try:
+        return subprocess.run([sys.executable, "-m", "newsletter", *args], env=env,
+                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"newsletter {' '.join(args)} did not end within 60 s; it "
+                             f"printed {exc.stdout!r} {exc.stderr!r}; the database then: "
+                             f"{_database_state(database_url(tmp_path))}") from None
+
+
+def _database_state(url: str) -> str:
+    """For a command that hangs: the ledger's counts, and on PostgreSQL who waits on what."""
+    from sqlalchemy import text
+
+    from newsletter.store.db import make_engine
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            state = [tuple(r) for r in conn.execute(text(
+                "SELECT campaign_id, status, count(*) FROM deliveries "
+                "GROUP BY campaign_id, status"))]
+            state += [tuple(r) for r in conn.execute(text(
+                "SELECT id, status, runner, status_note FROM campaigns"))]
+            if engine.dialect.name == "postgresql":
+                state += [tuple(r) for r in conn.execute(text(
+                    "SELECT pid, state, wait_event_type, wait_event, pg_blocking_pids(pid), "
+                    "left(query, 120) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid()"))]
+        return repr(state)
+    finally:
+        engine.dispose()
 
 
 def test_pause_resume_and_cancel_from_another_process_without_duplicates(
