@@ -336,13 +336,6 @@ class Settings(BaseSettings):
     # Derived values: computed, never stored, so they cannot disagree with their source.
 
     @property
-    def relay(self) -> SmtpRelay | None:
-        """The configured relay, or None for the built-in capture server."""
-        if self.smtp_url is None:
-            return None
-        return SmtpRelay.from_url(self.smtp_url.get_secret_value())
-
-    @property
     def sender_name(self) -> str:
         return parseaddr(self.from_address)[0]
 
@@ -374,6 +367,10 @@ class Settings(BaseSettings):
     @property
     def sender_domain(self) -> str:
         return self.sender_email.rpartition("@")[2].lower()
+
+    @property
+    def transactional_domain(self) -> str:
+        return self.transactional_sender[1].rpartition("@")[2].lower()
 
     @property
     def list_domain(self) -> str:

@@ -15,7 +15,7 @@ from newsletter.settings import SmtpRelay, load_settings
 
 def test_defaults(tmp_path: Path) -> None:
     s = load_settings()
-    assert s.relay is None  # capture mode
+    assert s.relay_configs() == []  # capture mode
     assert s.resolved_database_url == f"sqlite:///{tmp_path / 'var' / 'newsletter.db'}"
     assert s.sender_email == "digest@example.org"
     assert s.send_concurrency == 8 and s.send_rate == 0

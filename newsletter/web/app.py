@@ -80,8 +80,7 @@ class WebApp:
         if relay is None:
             # Confirmation mail goes through the relay chosen for its sender's domain, from
             # smtp_url or [[relays]] alike (send picks relays the same way).
-            domain = self.nl.settings.transactional_sender[1].rpartition("@")[2]
-            plans = self.nl.relay_plans(domain)
+            plans = self.nl.relay_plans(self.nl.settings.transactional_domain)
             if plans:
                 relay = plans[0].relay
             else:
