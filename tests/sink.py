@@ -13,9 +13,8 @@ import asyncio
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
-from .smtpd import Received
+from .smtpd import LoopThreadServer, Received
 
 _EHLO = (b"250-sink.localhost\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
          b"250 SIZE 104857600\r\n")
@@ -40,16 +39,16 @@ def _address(arg: bytes) -> str:
     return arg[start + 1:end].decode("utf-8", "replace") if 0 <= start < end else ""
 
 
-class CountingSmtpServer:
+class CountingSmtpServer(LoopThreadServer):
     """`with CountingSmtpServer() as sink:` then sink.url, sink.recorder."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.recorder = Envelopes()
-        self.host = "127.0.0.1"
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: Any = None
+
+    async def _start(self) -> asyncio.AbstractServer:
+        # The whole message is one readuntil: allow up to 32 MiB before the end marker.
+        return await asyncio.start_server(self._session, self.host, 0, limit=2 ** 25)
 
     async def _session(self, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter) -> None:
@@ -91,28 +90,3 @@ class CountingSmtpServer:
             pass  # the client went away
         finally:
             writer.close()
-
-    def __enter__(self) -> CountingSmtpServer:
-        self._thread.start()
-
-        async def start() -> Any:
-            # The whole message is one readuntil: allow up to 32 MiB before the end marker.
-            return await asyncio.start_server(self._session, self.host, 0, limit=2 ** 25)
-
-        self._server = asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        async def stop() -> None:
-            self._server.close()
-            await self._server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    @property
-    def url(self) -> str:
-        return f"smtp://{self.host}:{self.port}"

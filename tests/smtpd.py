@@ -13,7 +13,7 @@ import random
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -105,27 +105,23 @@ class Recorder:
             return Counter(r for m in self.messages for r in m.rcpt_tos)
 
 
-class SmtpTestServer:
-    """Start with `with SmtpTestServer() as srv:`; srv.port, srv.recorder."""
+class LoopThreadServer:
+    """A server on 127.0.0.1, port 0, with its own event loop in a thread; subclasses say
+    how to start it (_start, run in that loop). `with Server() as srv:` then srv.url."""
 
     def __init__(self) -> None:
-        self.recorder = Recorder()
         self.host = "127.0.0.1"
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: Any = None
 
-    def __enter__(self) -> SmtpTestServer:
+    async def _start(self) -> asyncio.AbstractServer:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         self._thread.start()
-
-        async def start() -> Any:
-            return await self._loop.create_server(
-                lambda: SMTP(self.recorder, hostname="test.localhost", decode_data=False,
-                             enable_SMTPUTF8=False),
-                self.host, 0)
-
-        self._server = asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
+        self._server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -142,6 +138,20 @@ class SmtpTestServer:
     @property
     def url(self) -> str:
         return f"smtp://{self.host}:{self.port}"
+
+
+class SmtpTestServer(LoopThreadServer):
+    """aiosmtpd with a Recorder: `with SmtpTestServer() as srv:`; srv.port, srv.recorder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recorder = Recorder()
+
+    async def _start(self) -> asyncio.AbstractServer:
+        return await self._loop.create_server(
+            lambda: SMTP(self.recorder, hostname="test.localhost", decode_data=False,
+                         enable_SMTPUTF8=False),
+            self.host, 0)
 
     @property
     def messages(self) -> list[Received]:
