@@ -3,10 +3,11 @@ modules that opt into `db_backend`), the sample files."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,17 @@ def add_subscribers(nl: Newsletter, slug: str, n: int, *, domain: str = "example
             NewMember(f"user{i}@{domain}", f"User {i}") for i in range(start, min(n, start + 1000))
         ], source="test")
     return mlist.id
+
+
+async def wait_until(check: Callable[[], bool], timeout: float) -> float:
+    """Wait (letting the event loop's tasks, e.g. schedulers, run) until check() holds;
+    the seconds it took."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout} s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
 
 
 # --- required tests must not skip in CI ---------------------------------------------------------

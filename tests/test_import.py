@@ -11,6 +11,7 @@ import itertools
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -480,23 +481,14 @@ def test_two_imports_of_the_same_new_addresses_at_once(app: Newsletter, tmp_path
     lid = app.store.create_list("news").id
     body = "email,name\n" + "".join(f"u{i}@example.com,U{i}\n" for i in range(10_000))
     paths = [_write(tmp_path, body, name=f"in{k}.csv") for k in range(2)]
-    reports: list[ImportReport] = []
-    errors: list[BaseException] = []
     start = threading.Barrier(2)
 
-    def run(path: Path) -> None:
-        try:
-            start.wait()
-            reports.append(import_csv(app.store, lid, path))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+    def run(path: Path) -> ImportReport:
+        start.wait()
+        return import_csv(app.store, lid, path)
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in paths]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    with ThreadPoolExecutor(2) as pool:  # map re-raises an import's error here
+        reports = list(pool.map(run, paths))
     assert sum(r.imported for r in reports) == 10_000
     assert sum(r.updated for r in reports) == 10_000
     assert len(_members(app, "news")) == 10_000

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from newsletter.store.schedules import (
     scheduler_lock,
 )
 
-from .conftest import SECRET, add_subscribers, make_settings, open_app
+from .conftest import SECRET, add_subscribers, make_settings, open_app, wait_until
 from .smtpd import SmtpTestServer
 
 TICK = 0.1
@@ -49,16 +48,6 @@ def _advisory_holders(engine: Engine) -> list[int]:
             " AND objsubid = 1 AND classid = CAST(:c AS bigint)::oid"
             " AND objid = CAST(:o AS bigint)::oid"),
             {"c": unsigned >> 32, "o": unsigned & 0xFFFF_FFFF}).scalars())
-
-
-async def _until(check: Callable[[], bool], timeout: float) -> float:
-    """Wait (letting the schedulers run) until check() holds; the seconds it took."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def test_the_lock_key_is_a_fixed_64_bit_constant() -> None:
@@ -143,7 +132,7 @@ def test_two_schedulers_one_fires_and_the_other_takes_over(
         b = Scheduler(second_nl, tick=TICK,
                       on_fired=lambda s, o: fired.append(("b", s, o)))
         await a.start()
-        await _until(lambda: a.active, 5)
+        await wait_until(lambda: a.active, 5)
         await b.start()
         try:
             for _ in range(10):  # a second's worth of ticks: b waits
@@ -160,12 +149,12 @@ def test_two_schedulers_one_fires_and_the_other_takes_over(
                 with first_nl.store.engine.connect() as conn:
                     conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
                 assert _wait_gone(first_nl.store.engine, pid)
-            took = await _until(lambda: b.active and not a.active, 3 * TICK + 0.5)
+            took = await wait_until(lambda: b.active and not a.active, 3 * TICK + 0.5)
             print(f"\n{how}: the other scheduler took over after {took:.2f} s")
             assert _advisory_holders(first_nl.store.engine) == [getattr(b.lock, "pid", -1)]
             sched = Schedules(first_nl).add_once(issue, ["news"], at=_soon(0.5), tz="UTC")
             store = ScheduleStore(first_nl.store.engine)
-            await _until(lambda: any(r.outcome != "started" for r in store.runs(sched.id)), 15)
+            await wait_until(lambda: any(r.outcome != "started" for r in store.runs(sched.id)), 15)
             await asyncio.sleep(5 * TICK)  # time for a second firing, if there were one
             assert [r.outcome for r in store.runs(sched.id)] == ["sent"]
             assert fired == [("b", sched.id, "sent")]

@@ -17,7 +17,7 @@ from newsletter.scheduling import Scheduler, Schedules, cron_trigger, zone
 from newsletter.service import Newsletter
 from newsletter.store.schema import CampaignStatus, MembershipStatus
 
-from .conftest import SECRET, add_subscribers, make_settings
+from .conftest import SECRET, add_subscribers, make_settings, wait_until
 from .smtpd import SmtpTestServer
 from .test_content import MD
 
@@ -421,10 +421,7 @@ def test_stopping_the_scheduler_leaves_the_applications_engine_open(tmp_path: Pa
     async def stop_while_a_connection_is_out() -> None:
         scheduler = Scheduler(nl, tick=0.05)
         await scheduler.start()
-        deadline = time.monotonic() + 10
-        while not scheduler.active and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert scheduler.active
+        await wait_until(lambda: scheduler.active, 10)
         with nl.store.engine.connect() as conn:  # a send's connection
             await scheduler.stop()
             assert conn.execute(text("SELECT 1")).scalar_one() == 1
@@ -432,9 +429,7 @@ def test_stopping_the_scheduler_leaves_the_applications_engine_open(tmp_path: Pa
         # starts on the same engine afterwards.
         again = Scheduler(nl, tick=0.05)
         await again.start()
-        while not again.active and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert again.active
+        await wait_until(lambda: again.active, 10)
         await again.stop()
 
     asyncio.run(stop_while_a_connection_is_out())

@@ -12,9 +12,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,25 +63,17 @@ class TestClaims:
         store = nl.store
         ids = [store.register_worker(f"w{i}", lease=30) for i in range(4)]
         taken: dict[int, list[int]] = {w: [] for w in ids}
-        errors: list[BaseException] = []
 
         def claim_all(worker: int) -> None:
             mine = SqlStore(store.engine)  # a store (and connections) per thread
-            try:
-                while True:
-                    batch = mine.claim_batch(cid, worker=worker, limit=37)
-                    if not batch.due:
-                        return
-                    taken[worker] += [d.delivery_id for d in batch.due]
-            except BaseException as exc:  # reported below
-                errors.append(exc)
+            while True:
+                batch = mine.claim_batch(cid, worker=worker, limit=37)
+                if not batch.due:
+                    return
+                taken[worker] += [d.delivery_id for d in batch.due]
 
-        threads = [threading.Thread(target=claim_all, args=(w,)) for w in ids]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors
+        with ThreadPoolExecutor(len(ids)) as pool:  # list(map) re-raises a claim's error
+            list(pool.map(claim_all, ids))
         every = [i for rows in taken.values() for i in rows]
         assert len(every) == len(set(every)) == 1000
         # Nothing left to claim, and a single-process run sees none of it either.
