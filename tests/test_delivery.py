@@ -4,6 +4,7 @@ suppression, several relays, rate windows, pause/resume/cancel from another proc
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from newsletter.store.sql import NewMember
 from .conftest import SECRET, add_subscribers, database_url, make_settings
 from .smtpd import Rule, SmtpTestServer
 from .test_content import MD
+
+HANGDUMP = Path(__file__).parent / "hangdump"
 
 # The store and delivery suite runs on SQLite and on PostgreSQL (conftest.db_backend).
 pytestmark = pytest.mark.usefixtures("db_backend")
@@ -284,14 +287,22 @@ def _cli(tmp_path: Path, smtpd: SmtpTestServer, *args: str) -> subprocess.Comple
     env = {"NEWSLETTER_DATABASE_URL": database_url(tmp_path),
            "NEWSLETTER_VAR_DIR": str(tmp_path / "var"), "NEWSLETTER_SMTP_URL": smtpd.url,
            "NEWSLETTER_SECRET_KEY": SECRET, "NEWSLETTER_RETRY_WAIT_SECONDS": "0",
-           "PATH": "/usr/bin:/bin"}
-    try:
-        return subprocess.run([sys.executable, "-m", "newsletter", *args], env=env,
-                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"newsletter {' '.join(args)} did not end within 60 s; it "
-                             f"printed {exc.stdout!r} {exc.stderr!r}; the database then: "
-                             f"{_database_state(database_url(tmp_path))}") from None
+           "PATH": "/usr/bin:/bin", "PYTHONPATH": str(HANGDUMP)}
+    with subprocess.Popen([sys.executable, "-m", "newsletter", *args], env=env, cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            # While it still hangs: what the database is doing, then where its threads and
+            # tasks wait (tests/hangdump), then stop it.
+            state = _database_state(database_url(tmp_path))
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"newsletter {' '.join(args)} did not end within 60 s; the "
+                                 f"database then: {state}; it printed {out!r}\n{err}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _database_state(url: str) -> str:
