@@ -24,6 +24,7 @@ import secrets
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from html import escape
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 WIDTHS = {"desktop": 800, "phone": 375}
 SCHEMES = ("light", "dark")
 POLL_SECONDS = 0.5
+SETTLE_SECONDS = 0.05  # a save is over when the files look the same this far apart
 # Gmail shows "[Message clipped]" below about this much HTML; worth a warning while editing.
 CLIP_BYTES = 102 * 1024
 # An idle event stream sends a comment this often, so a dead connection is noticed.
@@ -178,6 +180,20 @@ class Preview:
                 stamp.append((str(p), -1, -1))
         return tuple(stamp)
 
+    def _settled(self, stamp: tuple[tuple[str, int, int], ...]) \
+            -> tuple[tuple[str, int, int], ...]:
+        """Wait until a save is over: the same fingerprint twice, SETTLE_SECONDS apart (at
+        most a few times). An editor that writes the file in place truncates it first; read
+        in between, the issue would show a problem it does not have (empty front matter) until
+        the next poll."""
+        for _ in range(10):
+            time.sleep(SETTLE_SECONDS)
+            again = self.fingerprint()
+            if again == stamp:
+                break
+            stamp = again
+        return stamp
+
     def refresh(self, *, force: bool = False) -> bool:
         """Render again if anything watched changed since the last rendering (or `force`);
         returns whether it did. Never raises for a bad issue: the problem is the result."""
@@ -185,6 +201,7 @@ class Preview:
             stamp = self.fingerprint()
             if not force and stamp == self._fingerprint:
                 return False
+            stamp = self._settled(stamp)
             self._fingerprint = stamp
             # Jinja checks a cached template's own file only, so a new override in
             # templates_dir would go unseen: templates are looked up afresh each time.

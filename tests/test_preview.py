@@ -154,6 +154,28 @@ def test_an_invalid_file_shows_the_parsers_error_and_the_next_save_recovers(
     assert "no such file" in preview.current.problem.summary
 
 
+def test_a_save_caught_half_written_is_rendered_once_it_is_whole(
+    nl: Newsletter, issue: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An editor that saves in place truncates the file, then writes it. A poll that lands
+    # in between must not show the empty file's problem: it waits for the save to settle.
+    preview = Preview(nl, issue)
+    preview.refresh()
+    whole = issue.read_text(encoding="utf-8").replace("date: 2026-11-16", "date: 2026-11-18")
+    issue.write_text("", encoding="utf-8")  # the save has begun
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the save ends while the preview waits for it
+        waits.append(seconds)
+        if len(waits) == 1:
+            issue.write_text(whole, encoding="utf-8")
+
+    monkeypatch.setattr("newsletter.preview.time.sleep", sleep)
+    assert preview.refresh()
+    assert preview.current.problem is None and "2026-11-18" in preview.current.text
+    assert len(waits) == 2  # changed once while it waited, then the same twice in a row
+
+
 def test_a_template_change_renders_again(tmp_path: Path, issue: Path) -> None:
     own = tmp_path / "templates"
     (own / "email").mkdir(parents=True)
@@ -405,7 +427,8 @@ def test_the_page_reloads_after_a_save_and_shows_errors_until_fixed(
 
     _edit(issue, "date: 2026-11-16", BAD_DATE)
     page.locator("#problem").wait_for(timeout=15_000)
-    assert f"{issue.name}:4: date" in page.locator("#problem .where").inner_text()
+    where = page.locator("#problem .where").inner_text()
+    assert f"{issue.name}:4: date" in where, where
     assert "valid date" in page.locator("#problem").inner_text()
     _shoot(page, "preview-error.png")
 
