@@ -303,7 +303,9 @@ class _Ledger:
         self.future: asyncio.Future[set[int]] | None = None
         self.loop = asyncio.get_running_loop()
         self.threaded = threaded
-        self.writing: asyncio.Future[set[int]] | None = None  # the commit running in a thread
+        # The marks of the commit running in a thread: their future, resolved (and this
+        # cleared) by _written, in the loop, once that commit is over.
+        self.writing: asyncio.Future[set[int]] | None = None
 
     async def begin(self, delivery_id: int, relay: str) -> bool:
         """Commit 'sending' for this row (with any outcomes waiting); False if it was taken."""
@@ -337,8 +339,14 @@ class _Ledger:
             return
         usage = self._usage()  # read here, in the loop's thread, which updates the pacers
         if self.threaded:
-            self.writing = self.loop.run_in_executor(None, self._write, marks, usage)
-            self.writing.add_done_callback(lambda done: self._written(done, future))
+            try:
+                thread = self.loop.run_in_executor(None, self._write, marks, usage)
+            except RuntimeError as exc:  # the executor is shut down: the loop is closing
+                future.set_exception(exc)
+                future.exception()
+                return
+            self.writing = future
+            thread.add_done_callback(lambda done: self._written(done, future))
             return
         try:
             # Synchronous: SQLite commits take microseconds, and running it here keeps
@@ -350,7 +358,7 @@ class _Ledger:
 
     def _written(self, done: asyncio.Future[set[int]], future: asyncio.Future[set[int]]) \
             -> None:
-        self.writing = None
+        self.writing = None  # cleared as `future` resolves: never seen done while set
         if done.cancelled():
             future.cancel()
         elif done.exception() is not None:
@@ -362,15 +370,21 @@ class _Ledger:
             self._flush()
 
     async def drain(self) -> None:
-        """Commit everything marked so far (and wait for a commit running in a thread)."""
-        while self.writing is not None:
+        """Commit everything marked so far (and wait for a commit running in a thread).
+
+        Each turn awaits a future that is still pending: the marks waiting for a commit, or
+        those of the commit in the thread, which _written resolves as it clears `writing`.
+        (Awaiting a future that is already done does not yield: a loop over the thread's
+        own future, done but its callback not yet run, spun forever and froze the loop.)"""
+        while True:
+            if self.future is not None:
+                waiting = self.future
+            elif self.writing is not None:
+                waiting = self.writing
+            else:
+                return
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.writing)
-        if self.pending:
-            await asyncio.shield(self._schedule())
-        while self.writing is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.writing)
+                await asyncio.shield(waiting)
 
     def close(self) -> None:
         """Commit what is left, synchronously (a commit still running in a thread must have
