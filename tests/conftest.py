@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -245,6 +248,34 @@ def settings(tmp_path: Path, smtpd: SmtpTestServer) -> Settings:
 @pytest.fixture
 def nl(settings: Settings) -> Newsletter:
     return Newsletter(settings)
+
+
+HANGDUMP = Path(__file__).parent / "hangdump"
+
+
+def run_cli(*args: str, env: dict[str, str] | None, cwd: Path, timeout: float = 120,
+            on_hang: Callable[[], str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m newsletter ARGS`, its output captured. A command still running after
+    `timeout` is looked at before it is killed: `on_hang()` (the database's state, say),
+    then its threads' stacks and its asyncio tasks' awaits (tests/hangdump); the test then
+    fails with all of it instead of a bare timeout."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HANGDUMP), env.get("PYTHONPATH")) if p)
+    with subprocess.Popen([sys.executable, "-m", "newsletter", *args], env=env, cwd=cwd,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            state = on_hang() if on_hang is not None else ""
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"newsletter {' '.join(args)} did not end within {timeout:g} "
+                                 f"s; {state}\nstdout: {out}\nstderr, with where it "
+                                 f"waited: {err}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def add_subscribers(nl: Newsletter, slug: str, n: int, *, domain: str = "example.com") -> int:

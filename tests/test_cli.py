@@ -6,7 +6,6 @@ import email
 import email.policy
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import html5lib
@@ -16,7 +15,7 @@ from typer.testing import CliRunner
 
 from newsletter.cli import app
 
-from .conftest import SAMPLE_CSV, SAMPLE_MD, SECRET
+from .conftest import SAMPLE_CSV, SAMPLE_MD, SECRET, run_cli
 from .smtpd import SmtpTestServer
 
 runner = CliRunner()
@@ -91,8 +90,7 @@ def test_list_subscriber_issue_and_send_flow(env: SmtpTestServer, tmp_path: Path
 
 
 def _run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
-    return subprocess.run([sys.executable, "-m", "newsletter", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return run_cli(*args, cwd=cwd, env=env)
 
 
 @pytest.mark.parametrize(("args", "words"), [

@@ -15,7 +15,7 @@ from newsletter.content.parse import load_issue
 from newsletter.service import Newsletter
 from newsletter.store.schema import DeliveryStatus
 
-from .conftest import SECRET, add_subscribers, database_url, make_settings
+from .conftest import SECRET, add_subscribers, database_url, make_settings, run_cli
 from .smtpd import SmtpTestServer
 from .test_content import MD
 
@@ -39,8 +39,12 @@ def _env(tmp_path: Path, smtpd: SmtpTestServer) -> dict[str, str]:
     return env
 
 
+def _send_args(issue: Path) -> list[str]:
+    return ["send", str(issue), "--list", "news", "--yes"]
+
+
 def _send_cmd(issue: Path) -> list[str]:
-    return [sys.executable, "-m", "newsletter", "send", str(issue), "--list", "news", "--yes"]
+    return [sys.executable, "-m", "newsletter", *_send_args(issue)]
 
 
 # On PostgreSQL two kill points of the four (the suite's time; the ledger code is the same).
@@ -79,8 +83,7 @@ def test_killed_send_resumes_without_duplicates(tmp_path: Path, smtpd: SmtpTestS
     assert first < n, "the send finished before it could be killed; slow the server down"
 
     smtpd.recorder.delay = 0
-    done = subprocess.run(_send_cmd(issue), env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    done = run_cli(*_send_args(issue), env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     counts = smtpd.recorder.count_by_rcpt()
     assert max(counts.values()) == 1, "someone received the issue twice"
@@ -125,8 +128,7 @@ def test_killed_again_and_again_then_retry_unknown(tmp_path: Path,
         proc.wait(20)
     assert kills == 3 and len(smtpd.messages) < n
     smtpd.recorder.delay = 0
-    done = subprocess.run(_send_cmd(issue), env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    done = run_cli(*_send_args(issue), env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     counts = smtpd.recorder.count_by_rcpt()
     assert max(counts.values()) == 1, "someone received the issue twice"
@@ -136,9 +138,7 @@ def test_killed_again_and_again_then_retry_unknown(tmp_path: Path,
     assert nl.store.delivery_counts(campaign.id)[DeliveryStatus.SENT] + len(unknown) == n
     assert {f"user{i}@example.com" for i in range(n)} - set(counts) <= unknown
 
-    retry = subprocess.run([sys.executable, "-m", "newsletter", "campaigns", "retry",
-                            str(campaign.id), "--unknown"], env=env, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+    retry = run_cli("campaigns", "retry", str(campaign.id), "--unknown", env=env, cwd=tmp_path)
     assert retry.returncode == 0, retry.stderr
     counts = smtpd.recorder.count_by_rcpt()
     assert len(counts) == n  # everyone has it now

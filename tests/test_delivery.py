@@ -4,10 +4,8 @@ suppression, several relays, rate windows, pause/resume/cancel from another proc
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,11 +22,9 @@ from newsletter.settings import SmtpRelay
 from newsletter.store.schema import CampaignStatus, DeliveryStatus, MembershipStatus
 from newsletter.store.sql import NewMember
 
-from .conftest import SECRET, add_subscribers, database_url, make_settings
+from .conftest import SECRET, add_subscribers, database_url, make_settings, run_cli
 from .smtpd import Rule, SmtpTestServer
 from .test_content import MD
-
-HANGDUMP = Path(__file__).parent / "hangdump"
 
 # The store and delivery suite runs on SQLite and on PostgreSQL (conftest.db_backend).
 pytestmark = pytest.mark.usefixtures("db_backend")
@@ -287,22 +283,9 @@ def _cli(tmp_path: Path, smtpd: SmtpTestServer, *args: str) -> subprocess.Comple
     env = {"NEWSLETTER_DATABASE_URL": database_url(tmp_path),
            "NEWSLETTER_VAR_DIR": str(tmp_path / "var"), "NEWSLETTER_SMTP_URL": smtpd.url,
            "NEWSLETTER_SECRET_KEY": SECRET, "NEWSLETTER_RETRY_WAIT_SECONDS": "0",
-           "PATH": "/usr/bin:/bin", "PYTHONPATH": str(HANGDUMP)}
-    with subprocess.Popen([sys.executable, "-m", "newsletter", *args], env=env, cwd=tmp_path,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            # While it still hangs: what the database is doing, then where its threads and
-            # tasks wait (tests/hangdump), then stop it.
-            state = _database_state(database_url(tmp_path))
-            proc.send_signal(signal.SIGUSR1)
-            time.sleep(1)
-            proc.kill()
-            out, err = proc.communicate()
-            raise AssertionError(f"newsletter {' '.join(args)} did not end within 60 s; the "
-                                 f"database then: {state}; it printed {out!r}\n{err}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+           "PATH": "/usr/bin:/bin"}
+    return run_cli(*args, env=env, cwd=tmp_path, timeout=60,
+                   on_hang=lambda: f"the database then: {_database_state(database_url(tmp_path))}")
 
 
 def _database_state(url: str) -> str:

@@ -17,7 +17,7 @@ from newsletter.scheduling import Scheduler, Schedules, cron_trigger, zone
 from newsletter.service import Newsletter
 from newsletter.store.schema import CampaignStatus, MembershipStatus
 
-from .conftest import SECRET, add_subscribers, make_settings, wait_until
+from .conftest import SECRET, add_subscribers, make_settings, run_cli, wait_until
 from .smtpd import SmtpTestServer
 from .test_content import MD
 
@@ -287,8 +287,7 @@ def test_digest_preview_assembles_and_renders_without_sending(
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
            "NEWSLETTER_VAR_DIR": str(tmp_path / "var"), "NEWSLETTER_SECRET_KEY": SECRET,
            "NEWSLETTER_DIGESTS_DIR": str(digests), "NEWSLETTER_SMTP_URL": smtpd.url}
-    done = subprocess.run([sys.executable, "-m", "newsletter", "digest", "preview", "weekly"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = run_cli("digest", "preview", "weekly", env=env, cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "issue 1: 1 items" in done.stdout
     html = tmp_path / "var" / "digests" / "weekly" / "preview" / "issue.html"
@@ -371,8 +370,7 @@ def test_schedule_commands_from_the_cli(tmp_path: Path, smtpd: SmtpTestServer,
            "NEWSLETTER_SECRET_KEY": SECRET}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "newsletter", *args], env=env,
-                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        return run_cli(*args, env=env, cwd=tmp_path, timeout=60)
 
     added = cli("schedule", str(issue), "--list", "news", "--at", "2031-06-02 08:00",
                 "--tz", "Asia/Shanghai")

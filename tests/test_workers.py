@@ -26,7 +26,7 @@ from newsletter.store.base import Mark
 from newsletter.store.schema import CampaignStatus, DeliveryStatus, deliveries, subscribers
 from newsletter.store.sql import SqlStore
 
-from .conftest import SECRET, add_subscribers, make_settings
+from .conftest import SECRET, add_subscribers, make_settings, run_cli
 from .sink import CountingSmtpServer
 from .smtpd import SmtpTestServer
 
@@ -209,8 +209,7 @@ def _workers(env: dict[str, str], cwd: Path, n: int) -> Iterator[list[subprocess
 
 
 def _cli(env: dict[str, str], cwd: Path, *args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "newsletter", *args], env=env, cwd=cwd,
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli(*args, env=env, cwd=cwd, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -450,9 +449,7 @@ def test_send_without_a_live_worker_says_so(tmp_path: Path, smtpd: SmtpTestServe
     nl = Newsletter(make_settings(tmp_path, database_url=url, smtp_url=smtpd.url))
     add_subscribers(nl, "news", 5)
     env = _env(url, tmp_path, smtpd.url)
-    r = subprocess.run([sys.executable, "-m", "newsletter", "send", str(issue), "--list", "news",
-                        "--yes"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
+    r = run_cli("send", str(issue), "--list", "news", "--yes", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "no `newsletter worker` is running" in r.stderr
     assert "no worker is running" in _cli(env, tmp_path, "workers")
