@@ -22,7 +22,7 @@ from newsletter.store.db import HEAD, current_revision, make_engine, migrate
 from newsletter.store.imports import import_csv
 from newsletter.store.sql import NewMember
 
-from .conftest import SAMPLE_MD, SECRET, open_app, postgres_database
+from .conftest import SAMPLE_MD, SECRET, add_subscribers, open_app, postgres_database
 from .smtpd import SmtpTestServer
 
 
@@ -141,3 +141,37 @@ def test_a_database_from_a_newer_release_is_refused_in_one_line(tmp_path: Path) 
             migrate(engine)
     finally:
         engine.dispose()
+
+
+def test_a_one_click_unsubscribe_after_the_server_dropped_every_connection_is_honoured(
+    pg_url: str, tmp_path: Path, opened: list[Newsletter],
+) -> None:
+    """A PostgreSQL restart or failover closes the connections `serve` keeps in its pool;
+    the next request must still work, not answer 500 and lose an opt-out."""
+    from fastapi.testclient import TestClient
+
+    from newsletter.store.schema import MembershipStatus
+    from newsletter.web.app import create_app
+
+    nl = open_app(opened, tmp_path, pg_url)
+    add_subscribers(nl, "news", 2)
+    sub = nl.store.find_subscriber("user1@example.com")
+    assert sub is not None
+    lid = nl.store.get_list("news").id
+    path = "/unsubscribe/" + nl.signer.unsubscribe_token(sub.id, lid)
+    with TestClient(create_app(nl)) as client:
+        assert client.get(path).status_code == 200  # the pool now holds live connections
+        assert nl.store.engine.pool.checkedin() >= 1
+        admin = make_engine(pg_url)
+        try:
+            with admin.connect() as conn:
+                killed = conn.execute(text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                )).scalar_one()
+        finally:
+            admin.dispose()
+        assert killed >= 1
+        resp = client.post(path, data={"List-Unsubscribe": "One-Click"})
+        assert resp.status_code == 200, resp.text
+    assert nl.store.status_on(sub.id, lid) == MembershipStatus.UNSUBSCRIBED

@@ -34,6 +34,12 @@ def make_engine(url: str) -> Engine:
         # psycopg 3 is the driver we ship; SQLAlchemy's default for the bare scheme is
         # psycopg2, which we do not depend on.
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "postgresql":
+        # A restart or failover closes every pooled connection. Without a check when one is
+        # taken from the pool, the next use of each fails once: in `serve`, a one-click
+        # unsubscribe answered 500 and not recorded. The check is a round trip per checkout;
+        # the hot path (the ledger writer) holds its connection and does not pay it.
+        kwargs["pool_pre_ping"] = True
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
