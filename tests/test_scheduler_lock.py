@@ -191,7 +191,8 @@ def test_a_killed_scheduler_process_is_replaced_by_the_other(
         with engine.connect() as conn:
             names = conn.execute(text(
                 "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a"
-                " USING (pid) WHERE l.locktype = 'advisory' AND l.granted")).scalars().all()
+                " USING (pid) WHERE l.locktype = 'advisory' AND l.granted"
+                " AND a.datname = current_database()")).scalars().all()
         assert len(names) <= 1, names
         return int(names[0].split(":")[1]) if names else None
 
