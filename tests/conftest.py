@@ -250,6 +250,20 @@ def nl(settings: Settings) -> Newsletter:
     return Newsletter(settings)
 
 
+def terminate_connections(url: str) -> int:
+    """What a PostgreSQL restart or failover does to every process using the database at
+    `url`: the server ends all their sessions. Returns how many it ended."""
+    engine = store_db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )).scalar_one())
+    finally:
+        engine.dispose()
+
+
 HANGDUMP = Path(__file__).parent / "hangdump"
 
 

@@ -22,7 +22,14 @@ from newsletter.store.db import HEAD, current_revision, make_engine, migrate
 from newsletter.store.imports import import_csv
 from newsletter.store.sql import NewMember
 
-from .conftest import SAMPLE_MD, SECRET, add_subscribers, open_app, postgres_database
+from .conftest import (
+    SAMPLE_MD,
+    SECRET,
+    add_subscribers,
+    open_app,
+    postgres_database,
+    terminate_connections,
+)
 from .smtpd import SmtpTestServer
 
 
@@ -162,16 +169,7 @@ def test_a_one_click_unsubscribe_after_the_server_dropped_every_connection_is_ho
     with TestClient(create_app(nl)) as client:
         assert client.get(path).status_code == 200  # the pool now holds live connections
         assert nl.store.engine.pool.checkedin() >= 1
-        admin = make_engine(pg_url)
-        try:
-            with admin.connect() as conn:
-                killed = conn.execute(text(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()",
-                )).scalar_one()
-        finally:
-            admin.dispose()
-        assert killed >= 1
+        assert terminate_connections(pg_url) >= 1
         resp = client.post(path, data={"List-Unsubscribe": "One-Click"})
         assert resp.status_code == 200, resp.text
     assert nl.store.status_on(sub.id, lid) == MembershipStatus.UNSUBSCRIBED

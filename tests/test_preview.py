@@ -34,7 +34,7 @@ from newsletter.preview import (
 )
 from newsletter.service import Newsletter
 
-from .conftest import ROOT, SAMPLE_MD, make_settings
+from .conftest import ROOT, SAMPLE_MD, make_settings, run_cli
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Read at import: the autouse fixture clears NEWSLETTER_* before each test. CI keeps var/.
@@ -256,9 +256,8 @@ def test_a_busy_port_is_one_clear_error(tmp_path: Path, issue: Path) -> None:
         port = taken.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
         env["NEWSLETTER_VAR_DIR"] = str(tmp_path / "var")
-        done = subprocess.run([sys.executable, "-m", "newsletter", "issue", "preview",
-                               str(issue), "--port", str(port)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=60)
+        done = run_cli("issue", "preview", str(issue), "--port", str(port), cwd=tmp_path,
+                       env=env, timeout=60)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"error: setting --port: cannot listen on 127.0.0.1:{port}")

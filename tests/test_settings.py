@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from newsletter.errors import ConfigError
 from newsletter.settings import SmtpRelay, load_settings
+
+from .conftest import run_cli
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -78,8 +78,7 @@ def test_bad_setting_names_key(monkeypatch: pytest.MonkeyPatch, env: str, value:
 
 def test_bad_setting_exits_with_one_line_from_the_cli(tmp_path: Path) -> None:
     env = {"NEWSLETTER_SEND_RATE": "fast", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "newsletter", "lists", "ls"], env=env,
-                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    proc = run_cli("lists", "ls", env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: setting NEWSLETTER_SEND_RATE:")

@@ -26,7 +26,7 @@ from newsletter.store.base import Mark
 from newsletter.store.schema import CampaignStatus, DeliveryStatus, deliveries, subscribers
 from newsletter.store.sql import SqlStore
 
-from .conftest import SECRET, add_subscribers, make_settings, run_cli
+from .conftest import SECRET, add_subscribers, make_settings, run_cli, terminate_connections
 from .sink import CountingSmtpServer
 from .smtpd import SmtpTestServer
 
@@ -310,11 +310,7 @@ def test_workers_ride_out_lost_database_connections(
         with _workers(env, tmp_path, 2) as procs:
             _until(lambda: nl.store.delivery_counts(cid)[DeliveryStatus.SENT] >= 500, 60,
                    "sending under way")
-            with nl.store.engine.connect() as conn:
-                killed = conn.execute(text(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                )).scalar_one()
+            killed = terminate_connections(pg_url)
             nl.store.engine.dispose()  # this test's own pooled connections went too
             assert killed >= 2
             _until(lambda: nl.store.campaign_status(cid) == CampaignStatus.COMPLETED, 120,
